@@ -1,0 +1,226 @@
+"""The engine process: register with a hub, heartbeat, and serve a Kernel.
+
+Exit codes: 0 clean (shutdown_request, SIGTERM, SIGINT while idle), 1 bad
+configuration, 2 bad command line, 3 registration refused, 4 heartbeat lost,
+255 no registration reply in time.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import Any, Sequence
+
+import zmq
+from tornado.ioloop import IOLoop, PeriodicCallback
+from zmq.eventloop.zmqstream import ZMQStream
+
+from . import __version__, protocol
+from .config import EngineConfig, disambiguate_url
+from .errors import ConfigError, MessageError
+from .heartbeat import Heartbeat
+from .kernel import Kernel
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_CONFIG = 1
+EXIT_USAGE = 2
+EXIT_REFUSED = 3
+EXIT_HEARTBEAT = 4
+EXIT_TIMEOUT = 255
+
+_LINGER_MS = 1000
+
+
+class Engine:
+    """Registers with the hub at ``config.url`` and runs a Kernel on the sockets it names."""
+
+    def __init__(self, config: EngineConfig, *, context: zmq.Context | None = None,
+                 loop: IOLoop | None = None, user_ns: dict[str, Any] | None = None,
+                 exec_lines: Sequence[str] = ()) -> None:
+        self.config = config
+        self.context = context or zmq.Context()
+        self.loop = loop or IOLoop.current()
+        self.user_ns = user_ns
+        self.exec_lines = list(exec_lines)
+        self.session = Session(config.key, signature_scheme=config.signature_scheme,
+                               parse_dates=False)
+        self.ident = self.session.session
+        self.id: int | None = None
+        self.kernel: Kernel | None = None
+        self.heart: Heartbeat | None = None
+        self.exit_code: int | None = None
+        self._streams: list[ZMQStream] = []
+        self._watchdog: PeriodicCallback | None = None
+        self._abort_handle: Any = None
+        self.registrar = self._stream(zmq.DEALER, config.url)
+
+    def _stream(self, kind: int, *urls: str) -> ZMQStream:
+        sock = self.context.socket(kind)
+        sock.linger = _LINGER_MS
+        if kind != zmq.PUB:
+            sock.setsockopt(zmq.IDENTITY, self.ident.encode("ascii"))
+        for url in urls:
+            sock.connect(disambiguate_url(url, self.config.location))
+        stream = ZMQStream(sock, self.loop)
+        self._streams.append(stream)
+        return stream
+
+    def start(self) -> None:
+        """Send the registration request; give up after ``config.timeout`` seconds."""
+        log.info("registering with the hub at %s", self.config.url)
+        self.registrar.on_recv(self.complete_registration)
+        content = {"queue": self.ident, "heartbeat": self.ident, "control": self.ident}
+        self.session.send(self.registrar, protocol.REGISTRATION_REQUEST, content)
+        self._abort_handle = self.loop.call_later(self.config.timeout, self.abort)
+
+    def complete_registration(self, frames: list[bytes]) -> None:
+        """Handle the registration_reply: connect the sockets and start the kernel."""
+        try:
+            _, rest = self.session.feed_identities(frames)
+            msg = self.session.deserialize(rest)
+        except MessageError as e:
+            log.warning("dropped invalid registration reply: %s", e)
+            return
+        if self._abort_handle is not None:
+            self.loop.remove_timeout(self._abort_handle)
+            self._abort_handle = None
+        self.registrar.stop_on_recv()
+        content = msg["content"]
+        if content.get(protocol.STATUS) != protocol.OK:
+            log.error("registration refused by the hub: %s: %s",
+                      content.get("ename", "error"), content.get("evalue", content))
+            self.exit(EXIT_REFUSED)
+            return
+        try:
+            self._connect(content)
+        except (KeyError, TypeError, ValueError, zmq.ZMQError) as e:
+            log.error("unusable registration reply (%s: %s)", type(e).__name__, e)
+            self.exit(EXIT_REFUSED)
+            return
+        log.info("registered as engine %d with the hub at %s", self.id, self.config.url)
+
+    def _connect(self, content: dict[str, Any]) -> None:
+        self.id = int(content["id"])
+        shell_urls = [str(content["mux"])] + ([str(content["task"])] if content.get("task") else [])
+        shell = self._stream(zmq.ROUTER, *shell_urls)
+        control = self._stream(zmq.ROUTER, str(content["control"]))
+        iopub = self._stream(zmq.PUB, str(content["iopub"]))
+        ping_url, pong_url = [disambiguate_url(str(u), self.config.location)
+                              for u in content["heartbeat"]]
+        self.kernel = Kernel(session=self.session, control_stream=control, shell_streams=[shell],
+                             iopub_stream=iopub, loop=self.loop, int_id=self.id,
+                             ident=self.ident, user_ns=self.user_ns, exec_lines=self.exec_lines,
+                             on_shutdown=lambda: self.exit(EXIT_OK))
+        self.kernel.start()
+        self.heart = Heartbeat(self.context, ping_url, pong_url, self.ident.encode("ascii"))
+        self.heart.start()
+        if self.config.heartbeat_timeout > 0:
+            period = min(1.0, self.config.heartbeat_timeout / 4)
+            self._watchdog = PeriodicCallback(self._check_heartbeat, period * 1000)
+            self._watchdog.start()
+
+    def _check_heartbeat(self) -> None:
+        if self.heart is None:
+            return
+        silent = self.heart.silent_for()
+        if silent > self.config.heartbeat_timeout:
+            log.error("no heartbeat from the hub for %.1f s (limit %.1f s): exiting",
+                      silent, self.config.heartbeat_timeout)
+            self.exit(EXIT_HEARTBEAT)
+
+    def abort(self) -> None:
+        """Registration timed out: unregister and exit with status 255."""
+        self._abort_handle = None
+        log.error("registration timed out after %.1f s: no reply from the hub at %s",
+                  self.config.timeout, self.config.url)
+        self.session.send(self.registrar, protocol.UNREGISTRATION_REQUEST, {"id": self.id})
+        self.exit(EXIT_TIMEOUT)
+
+    def exit(self, code: int) -> None:
+        """Stop the loop; :meth:`close` then releases everything."""
+        if self.exit_code is None:
+            self.exit_code = code
+        self.loop.add_callback(self.loop.stop)
+
+    def close(self) -> None:
+        """Stop the heartbeat, flush and close every socket."""
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        if self.kernel is not None:
+            self.kernel.stop()
+        if self.heart is not None:
+            self.heart.stop()
+        for stream in self._streams:
+            if not stream.closed():
+                stream.flush(zmq.POLLOUT)
+                stream.close(linger=_LINGER_MS)
+        self.context.term()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="streamkernel",
+        description="Python 3 engine for an IPython 0.11 controller: registers with the hub "
+                    "named in the connection file and runs what clients send it.")
+    p.add_argument("--config", "--file", dest="config", metavar="PATH", required=True,
+                   help="connection file written by the controller (ipcontroller-engine.json)")
+    p.add_argument("--log-level", default="INFO", type=str.upper,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                   help="logging level (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="seconds to wait for the registration reply (default: 2)")
+    p.add_argument("--heartbeat-timeout", type=float, default=None, metavar="SECONDS",
+                   help="exit when the hub's heartbeat stops this long; 0 never (default: 10)")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="allow an empty exec_key (unsigned messages)")
+    p.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run an engine from the command line; returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s streamkernel %(levelname)s %(message)s")
+    try:
+        config = EngineConfig.from_file(args.config, timeout=args.timeout,
+                                        heartbeat_timeout=args.heartbeat_timeout,
+                                        insecure=args.insecure)
+    except ConfigError as e:
+        print("streamkernel: %s" % e, file=sys.stderr)
+        return EXIT_CONFIG
+    if config.insecure and not config.exec_key:
+        log.warning("running without an exec_key: messages are neither signed nor checked")
+    loop = IOLoop.current()
+    engine = Engine(config, loop=loop)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("got signal %d: exiting", signum)
+        engine.exit(EXIT_OK)
+        loop.add_callback_from_signal(loop.stop)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    engine.start()
+    try:
+        loop.start()
+    except KeyboardInterrupt:
+        log.info("interrupted: exiting")
+        engine.exit(EXIT_OK)
+    finally:
+        engine.close()
+    code = EXIT_OK if engine.exit_code is None else engine.exit_code
+    log.info("exiting with status %d", code)
+    return code
+
+
+__all__ = ["Engine", "main", "main_exit", "EXIT_OK", "EXIT_CONFIG", "EXIT_USAGE", "EXIT_REFUSED",
+           "EXIT_HEARTBEAT", "EXIT_TIMEOUT"]
+
+
+def main_exit() -> None:
+    """Console-script entry point: run :func:`main` and exit with its status."""
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""Kernel: serves execute, apply, complete and clear requests, plus abort and shutdown.
+
+ZMQStream callbacks dispatch control and shell (MUX and task) messages. Control
+is drained before each shell message, never while a request runs. Every request
+that passes the session's checks gets exactly one reply, sent back through the
+routing prefix it came with.
+"""
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import re
+import rlcompleter
+import sys
+from datetime import datetime
+from typing import Any, Callable, Iterable, Sequence
+
+import zmq
+from tornado.ioloop import IOLoop
+
+from . import protocol
+from .errors import MessageError, UnmetDependency, error_content
+from .outstream import DisplayHook, OutStream, redirect
+from .serialize import serialize_object, unpack_apply_message
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any, list, dict], None]
+
+#: File name of code run by execute_request.
+CODE_FILENAME = "<streamkernel>"
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_MAX_ABORTED = 100_000
+_MAX_MATCHES = 1000
+_TOKEN = re.compile(r"[\w.]*$")
+
+
+class Kernel:
+    """An engine kernel on ZMQStreams; the host passes in streams, session and loop.
+
+    Parameters
+    ----------
+    session : Session
+        Signs and verifies every message.
+    control_stream, shell_streams, iopub_stream : ZMQStream
+        The control ROUTER, the shell ROUTERs (MUX and task, usually one socket)
+        and the iopub PUB. ``task_stream`` is added to the shell streams.
+    int_id, ident : int, str
+        The engine id the hub gave and the engine uuid (the session id by default).
+    user_ns : dict
+        Namespace of user code; a new one by default.
+    exec_lines : list of str
+        Code run at start and after each clear_request.
+    on_shutdown : callable
+        Called (from the loop, ``shutdown_delay`` seconds after the reply) when a
+        shutdown_request is served. Without one the kernel just stops serving.
+    """
+
+    def __init__(self, *, session: Session | None = None, control_stream: Any = None,
+                 shell_streams: Sequence[Any] = (), iopub_stream: Any = None,
+                 task_stream: Any = None, loop: IOLoop | None = None, int_id: int = -1,
+                 ident: str | bytes = "", user_ns: dict[str, Any] | None = None,
+                 exec_lines: Iterable[str] = (), log: logging.Logger | None = None,
+                 client: Any = None, on_shutdown: Callable[[], None] | None = None,
+                 shutdown_delay: float = 1.0, **legacy: Any) -> None:
+        self.log = log or globals()["log"]
+        for name in legacy:  # 0.11 traitlets options with no meaning here (config=...)
+            self.log.debug("ignoring Kernel option %r", name)
+        self.session = session if session is not None else Session(parse_dates=False)
+        self.control_stream = control_stream
+        self.shell_streams = [s for s in shell_streams if s is not None]
+        if task_stream is not None and task_stream not in self.shell_streams:
+            self.shell_streams.append(task_stream)
+        self.task_stream = task_stream
+        self.iopub_stream = iopub_stream
+        self.loop = loop or IOLoop.current()
+        self.int_id = int_id
+        self.ident = ident.decode("ascii") if isinstance(ident, bytes) else (
+            ident or self.session.session)
+        self.bident = self.ident.encode("ascii")
+        self.user_ns: dict[str, Any] = {} if user_ns is None else user_ns
+        self.exec_lines = list(exec_lines)
+        self.client = client
+        self.on_shutdown = on_shutdown
+        self.shutdown_delay = shutdown_delay
+        self.aborted: dict[str, None] = {}
+        self.shutting_down = False
+        self._parent: dict[str, Any] = {}
+        self._iopub_socket = getattr(iopub_stream, "socket", iopub_stream)
+        self.shell_handlers: dict[str, Handler] = {
+            t: getattr(self, t) for t in protocol.SHELL_REQUESTS}
+        self.control_handlers: dict[str, Handler] = {
+            t: getattr(self, t) for t in protocol.CONTROL_REQUESTS}
+        self.stdout = OutStream("stdout", self._publish, self._topic("stdout"),
+                                self.loop.add_callback)
+        self.stderr = OutStream("stderr", self._publish, self._topic("stderr"),
+                                self.loop.add_callback)
+        self.displayhook = DisplayHook(self._publish, self._topic(protocol.PYOUT), self.user_ns)
+        self._init_namespace()
+
+    # -- setup ----------------------------------------------------------------------
+
+    @property
+    def prefix(self) -> str:
+        """The iopub topic prefix ``engine.<id>``."""
+        return "engine.%d" % self.int_id
+
+    def _topic(self, kind: str) -> bytes:
+        return protocol.topic(self.int_id, kind)
+
+    def _init_namespace(self) -> None:
+        self.user_ns.setdefault("__name__", "__main__")
+        self.displayhook.namespace = self.user_ns
+        self._completer = rlcompleter.Completer(self.user_ns)
+        self._parent = {}
+        for line in self.exec_lines:
+            self.log.debug("running exec_line %r", line)
+            try:
+                with self._user_io():
+                    self._run_code(line)
+            except BaseException:
+                self.log.error("exec_line %r failed", line, exc_info=True)
+
+    def start(self) -> None:
+        """Start receiving on the control and shell streams."""
+        if self.control_stream is not None:
+            self.control_stream.on_recv(self.dispatch_control, copy=False)
+        for stream in self.shell_streams:
+            stream.on_recv(self._dispatcher(stream), copy=False)
+
+    def stop(self) -> None:
+        """Stop receiving; the streams stay open for the host to close."""
+        for stream in [self.control_stream] + self.shell_streams:
+            if stream is not None and not stream.closed():
+                stream.stop_on_recv()
+
+    def _dispatcher(self, stream: Any) -> Callable[[list], None]:
+        def dispatcher(frames: list) -> None:
+            self.dispatch_queue(stream, frames)
+        return dispatcher
+
+    # -- sending --------------------------------------------------------------------
+
+    def _publish(self, msg_type: str, content: dict[str, Any], topic: bytes) -> None:
+        if self._iopub_socket is not None:
+            self.session.send(self._iopub_socket, msg_type, content, parent=self._parent,
+                              ident=topic)
+
+    def _reply(self, stream: Any, parent: dict[str, Any], content: dict[str, Any],
+               idents: list[bytes], subheader: dict[str, Any] | None = None,
+               buffers: Sequence[Any] | None = None) -> dict[str, Any]:
+        return self.session.send(stream, protocol.reply_type(parent["msg_type"]), content,
+                                 parent=parent["header"], ident=idents, buffers=buffers,
+                                 subheader=subheader)
+
+    def _reply_aborted(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
+        status = {protocol.STATUS: protocol.ABORTED}
+        self.log.info("aborting %s %s", msg["msg_type"], msg["msg_id"])
+        self._reply(stream, msg, status, idents, subheader=status)
+
+    def _engine_info(self, method: str) -> dict[str, Any]:
+        return {"engine_uuid": self.ident, "engine_id": self.int_id, "method": method}
+
+    # -- dispatch -------------------------------------------------------------------
+
+    def _unpack(self, frames: list, where: str) -> tuple[list[bytes], dict[str, Any]] | None:
+        try:
+            idents, rest = self.session.feed_identities(frames, copy=False)
+            return idents, self.session.deserialize(rest, content=True, copy=False)
+        except MessageError as e:
+            self.log.warning("dropped invalid %s message: %s", where, e)
+        except Exception as e:
+            self.log.warning("dropped invalid %s message: %s: %s", where, type(e).__name__, e)
+        return None
+
+    def dispatch_control(self, frames: list) -> None:
+        """Handle one control message (received frames)."""
+        unpacked = self._unpack(frames, "control")
+        if unpacked is None:
+            return
+        idents, msg = unpacked
+        self._handle(self.control_stream, idents, msg, self.control_handlers)
+
+    def dispatch_queue(self, stream: Any, frames: list) -> None:
+        """Handle one shell message, after serving every waiting control message."""
+        if self.control_stream is not None and not self.control_stream.closed():
+            self.control_stream.flush(zmq.POLLIN)
+        unpacked = self._unpack(frames, "shell")
+        if unpacked is None:
+            return
+        idents, msg = unpacked
+        msg_id = msg["msg_id"]
+        if msg_id in self.aborted or self.shutting_down:
+            self.aborted.pop(msg_id, None)
+            self._reply_aborted(stream, idents, msg)
+            return
+        self._handle(stream, idents, msg, self.shell_handlers)
+
+    def _handle(self, stream: Any, idents: list[bytes], msg: dict[str, Any],
+                handlers: dict[str, Handler]) -> None:
+        msg_type = msg["msg_type"]
+        handler = handlers.get(msg_type)
+        if handler is None:
+            self.log.warning("dropped message of unknown type %r", msg_type)
+            return
+        if log.isEnabledFor(logging.DEBUG):
+            self.log.debug("%s %s from %r", msg_type, msg["msg_id"], idents)
+        try:
+            handler(stream, idents, msg)
+        except Exception:
+            self.log.error("%s %s failed", msg_type, msg["msg_id"], exc_info=True)
+            try:
+                self._reply(stream, msg, error_content(self._engine_info(msg_type)), idents)
+            except Exception:
+                self.log.error("could not send the error reply", exc_info=True)
+
+    # -- control handlers -------------------------------------------------------------
+
+    def abort_queues(self) -> None:
+        """Answer every message waiting on the shell streams as aborted."""
+        for stream in self.shell_streams:
+            self.abort_queue(stream)
+
+    def abort_queue(self, stream: Any) -> None:
+        """Answer every message waiting on ``stream`` as aborted."""
+        socket = getattr(stream, "socket", stream)
+        while True:
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            unpacked = self._unpack(frames, "shell")
+            if unpacked is not None:
+                self._reply_aborted(stream, *unpacked)
+
+    def abort_request(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
+        """Abort the named queued requests, or all waiting ones when none are named."""
+        msg_ids = msg["content"].get("msg_ids")
+        if isinstance(msg_ids, str):
+            msg_ids = [msg_ids]
+        if not msg_ids:
+            self.abort_queues()
+        else:
+            for mid in msg_ids:
+                self.aborted[str(mid)] = None
+            while len(self.aborted) > _MAX_ABORTED:
+                del self.aborted[next(iter(self.aborted))]
+        self._reply(stream, msg, {protocol.STATUS: protocol.OK}, idents)
+
+    def shutdown_request(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
+        """Abort what is queued, reply, then shut down after ``shutdown_delay``."""
+        self.log.info("shutdown requested by %s", msg["header"].get("session", "?"))
+        self.shutting_down = True
+        try:
+            self.abort_queues()
+        except Exception:
+            content = error_content(self._engine_info("shutdown"))
+        else:
+            content = dict(msg["content"])
+            content[protocol.STATUS] = protocol.OK
+        self._reply(stream, msg, content, idents)
+        self.loop.call_later(self.shutdown_delay, self._finish_shutdown)
+
+    def _finish_shutdown(self) -> None:
+        self.abort_queues()
+        self.stop()
+        for stream in self.shell_streams + [self.control_stream, self.iopub_stream]:
+            flush = getattr(stream, "flush", None)
+            if flush is not None and not stream.closed():
+                flush(zmq.POLLOUT)
+        if self.on_shutdown is not None:
+            self.on_shutdown()
+
+    # -- shell handlers ---------------------------------------------------------------
+
+    def clear_request(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
+        """Empty the user namespace and rerun ``exec_lines``."""
+        self.user_ns.clear()
+        self._reply(stream, msg, {protocol.STATUS: protocol.OK}, idents)
+        self._init_namespace()
+
+    def complete_request(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
+        """Reply with completions of ``text`` (or of the token before the cursor)."""
+        content = msg["content"]
+        matches = self.complete(content.get("text"), content.get("line"),
+                                content.get("cursor_pos"), content.get("block"))
+        self._reply(stream, msg, {"matches": matches, protocol.STATUS: protocol.OK}, idents)
+
+    def complete(self, text: Any = None, line: Any = None, cursor_pos: Any = None,
+                 block: Any = None) -> list[str]:
+        """Return names from the user namespace and builtins that complete the input."""
+        if not isinstance(line, str):
+            line = block if isinstance(block, str) else ""
+        if not isinstance(cursor_pos, int) or not 0 <= cursor_pos <= len(line):
+            cursor_pos = len(line)
+        if not isinstance(text, str) or not text:
+            match = _TOKEN.search(line[:cursor_pos])
+            text = match.group(0) if match else ""
+        matches: list[str] = []
+        seen: set[str] = set()
+        state = 0
+        while len(matches) < _MAX_MATCHES:
+            try:
+                with self._user_io():
+                    word = self._completer.complete(text, state)
+            except BaseException:
+                break
+            if word is None:
+                break
+            state += 1
+            if word not in seen:
+                seen.add(word)
+                matches.append(word)
+        return matches
+
+    def execute_request(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
+        """Run a code string; an error answers everything waiting as aborted."""
+        code = msg["content"].get("code")
+        self._parent = msg["header"]
+        if not isinstance(code, str):
+            raise TypeError("execute_request content needs a string 'code'")
+        self._publish(protocol.PYIN, {"code": code}, self._topic(protocol.PYIN))
+        started = datetime.now()
+        try:
+            with self._user_io():
+                self._run_code(code)
+        except BaseException:
+            content = self._error("execute")
+        else:
+            content = {protocol.STATUS: protocol.OK}
+        self._reply(stream, msg, content, idents, subheader={protocol.STARTED: started})
+        if content[protocol.STATUS] == protocol.ERROR:
+            self.abort_queues()
+
+    def apply_request(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
+        """Call a serialized function; the result travels in the reply's buffers."""
+        self._parent = msg["header"]
+        sub = {protocol.DEPENDENCIES_MET: True, protocol.ENGINE: self.ident,
+               protocol.STARTED: datetime.now()}
+        bufs = msg.pop("buffers")
+        result_buf: list[Any] = []
+        try:
+            with self._user_io():
+                f, args, kwargs = unpack_apply_message(bufs, self.user_ns, copy=False)
+                del bufs[:]
+                result = f(*args, **kwargs)
+                del f, args, kwargs
+                result_buf = serialize_object(result)
+                del result
+        except BaseException:
+            del bufs[:]
+            content = self._error("apply")
+            if content["ename"] in ("UnmetDependency", "ImpossibleDependency"):
+                sub[protocol.DEPENDENCIES_MET] = False
+        else:
+            content = {protocol.STATUS: protocol.OK}
+        sub[protocol.STATUS] = content[protocol.STATUS]
+        self._reply(stream, msg, content, idents, subheader=sub, buffers=result_buf)
+
+    # -- running user code --------------------------------------------------------------
+
+    def _user_io(self) -> Any:
+        self.stdout.parent = self.stderr.parent = self._parent
+        return redirect(self.stdout, self.stderr, self.displayhook)
+
+    def _run_code(self, code: str) -> None:
+        """Run all of ``code``; the value of a final expression statement goes to pyout."""
+        tree = ast.parse(code, CODE_FILENAME, "exec")
+        last = tree.body[-1] if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        if last is not None:
+            tree.body.pop()
+        if tree.body:
+            exec(compile(tree, CODE_FILENAME, "exec"), self.user_ns)
+        if last is not None:
+            exec(compile(ast.Interactive([last]), CODE_FILENAME, "single"), self.user_ns)
+
+    def _error(self, method: str) -> dict[str, Any]:
+        """Publish pyerr for the exception being handled and return the reply content."""
+        etype, evalue, tb = sys.exc_info()
+        while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+            tb = tb.tb_next
+        content = error_content(self._engine_info(method), (etype, evalue, tb))
+        self._publish(protocol.PYERR, content, self._topic(protocol.PYERR))
+        return content
+
+
+__all__ = ["Kernel", "UnmetDependency"]

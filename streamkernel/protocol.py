@@ -1,0 +1,139 @@
+"""Message-type names, wire constants and message shapes of the engine protocol.
+
+Everything the wire defines lives here: the delimiter, the message types and
+their reply types, the header fields, the date format and the iopub topics.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from datetime import datetime
+from typing import Any
+
+#: Frame that separates the routing prefix from the message proper.
+DELIM = b"<IDS|MSG>"
+
+#: Frames after the delimiter: signature, header, parent_header, content.
+SIGNATURE, HEADER, PARENT, CONTENT = range(4)
+MIN_FRAMES = 4
+
+EXECUTE_REQUEST = "execute_request"
+APPLY_REQUEST = "apply_request"
+COMPLETE_REQUEST = "complete_request"
+CLEAR_REQUEST = "clear_request"
+ABORT_REQUEST = "abort_request"
+SHUTDOWN_REQUEST = "shutdown_request"
+
+#: Requests served on the shell (MUX and task) socket.
+SHELL_REQUESTS = (EXECUTE_REQUEST, COMPLETE_REQUEST, APPLY_REQUEST, CLEAR_REQUEST)
+#: Requests served on the control socket: the shell ones plus abort and shutdown.
+CONTROL_REQUESTS = (SHUTDOWN_REQUEST, ABORT_REQUEST) + SHELL_REQUESTS
+
+REGISTRATION_REQUEST = "registration_request"
+REGISTRATION_REPLY = "registration_reply"
+UNREGISTRATION_REQUEST = "unregistration_request"
+
+#: iopub message types
+PYIN, PYOUT, PYERR, STREAM = "pyin", "pyout", "pyerr", "stream"
+
+#: Header keys that replies merge in (the legacy "subheader").
+STARTED, ENGINE, STATUS, DEPENDENCIES_MET = "started", "engine", "status", "dependencies_met"
+
+OK, ERROR, ABORTED = "ok", "error", "aborted"
+
+#: Legacy date format: local time, no zone, always six digits of microseconds.
+DATE_FORMAT = "%Y-%m-%dT%H:%M:%S.%f"
+DATE_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d+$")
+
+USERNAME = os.environ.get("USER", "username")
+
+
+def reply_type(msg_type: str) -> str:
+    """Return the reply type for a request type: ``execute_request`` -> ``execute_reply``."""
+    return msg_type.rpartition("_")[0] + "_reply" if "_" in msg_type else msg_type + "_reply"
+
+
+def topic(int_id: int, kind: str) -> bytes:
+    """Return the iopub topic frame ``engine.<id>.<kind>``."""
+    return b"engine.%d.%s" % (int_id, kind.encode("ascii"))
+
+
+def new_id() -> str:
+    """Return a fresh message id (a uuid4 string)."""
+    return str(uuid.uuid4())
+
+
+def msg_header(msg_id: str, msg_type: str, username: str, session: str) -> dict[str, Any]:
+    """Return a message header with the current local time as ``date``."""
+    return {
+        "msg_id": msg_id,
+        "msg_type": msg_type,
+        "username": username,
+        "session": session,
+        "date": datetime.now(),
+    }
+
+
+def extract_header(msg_or_header: dict[str, Any] | None) -> dict[str, Any]:
+    """Return the header of a message dict, or the dict itself when it is a header."""
+    if not msg_or_header:
+        return {}
+    header = msg_or_header.get("header", msg_or_header)
+    return dict(header)
+
+
+def _date_default(obj: Any) -> str:
+    if isinstance(obj, datetime):
+        return obj.strftime(DATE_FORMAT)
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)  # type: ignore[return-value]
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8", "replace")
+    raise TypeError("%r is not JSON serializable" % type(obj).__name__)
+
+
+_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, default=_date_default)
+
+
+def pack(obj: Any) -> bytes:
+    """Pack a JSON-able object as compact ASCII JSON; datetimes use :data:`DATE_FORMAT`."""
+    return _encoder.encode(obj).encode("ascii")
+
+
+def extract_dates(obj: Any) -> Any:
+    """Turn every string matching :data:`DATE_PATTERN` into a datetime, recursively."""
+    if isinstance(obj, dict):
+        return {k: extract_dates(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [extract_dates(v) for v in obj]
+    if isinstance(obj, str) and DATE_PATTERN.match(obj):
+        try:
+            return datetime.strptime(obj, DATE_FORMAT)
+        except ValueError:
+            return obj
+    return obj
+
+
+_decode = json.JSONDecoder().decode
+
+
+def unpack(data: bytes | memoryview | str) -> Any:
+    """Unpack JSON bytes; date strings stay strings (see :func:`extract_dates`)."""
+    if not isinstance(data, str):
+        data = bytes(data).decode("utf-8")
+    return _decode(data)
+
+
+__all__ = [
+    "DELIM", "MIN_FRAMES", "SIGNATURE", "HEADER", "PARENT", "CONTENT",
+    "EXECUTE_REQUEST", "APPLY_REQUEST", "COMPLETE_REQUEST", "CLEAR_REQUEST",
+    "ABORT_REQUEST", "SHUTDOWN_REQUEST", "SHELL_REQUESTS", "CONTROL_REQUESTS",
+    "REGISTRATION_REQUEST", "REGISTRATION_REPLY", "UNREGISTRATION_REQUEST",
+    "PYIN", "PYOUT", "PYERR", "STREAM",
+    "STARTED", "ENGINE", "STATUS", "DEPENDENCIES_MET", "OK", "ERROR", "ABORTED",
+    "DATE_FORMAT", "DATE_PATTERN", "USERNAME",
+    "reply_type", "topic", "new_id", "msg_header", "extract_header",
+    "pack", "unpack", "extract_dates",
+]

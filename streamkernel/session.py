@@ -1,0 +1,279 @@
+"""Session: build, sign, send, receive and verify messages.
+
+A message on the wire is one ZeroMQ multipart message::
+
+    [ident, ..., b'<IDS|MSG>', signature, header, parent_header, content, buffer, ...]
+
+``signature`` is the hex HMAC (MD5 by default, SHA-256 on request) of header,
+parent_header and content, keyed by the exec key; buffers are not signed. With
+an empty key the signature is empty and nothing is checked. A signature seen
+before is rejected (replay), from a capped history. Nothing is unpacked before
+its signature checks out.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from collections import deque
+from typing import Any, Sequence, Union
+
+import zmq
+
+from . import protocol
+from .errors import (DuplicateSignature, InvalidSignature, MalformedMessage, MessageError,
+                     UnsignedMessage)
+from .protocol import DELIM, MIN_FRAMES
+
+log = logging.getLogger(__name__)
+
+_DIGESTS = {"hmac-md5": hashlib.md5, "hmac-sha256": hashlib.sha256}
+
+#: Anything frames can be: bytes, or zmq.Frame when received with ``copy=False``.
+Frame = Union[bytes, "zmq.Frame", memoryview]
+
+
+def _as_bytes(frame: Any) -> bytes:
+    if isinstance(frame, bytes):
+        return frame
+    if isinstance(frame, zmq.Frame):
+        return frame.bytes
+    return bytes(frame)
+
+
+class Session:
+    """Builds, signs, sends, receives and verifies messages for one peer identity.
+
+    Parameters
+    ----------
+    key : bytes
+        HMAC key (the ``exec_key``). Empty: messages are neither signed nor checked.
+    session : str
+        This session's id, sent as ``header.session``; a new uuid4 by default.
+    signature_scheme : str
+        ``"hmac-md5"`` (what legacy peers use) or ``"hmac-sha256"``.
+    digest_history_size : int
+        How many signatures are remembered to reject replays; the oldest go first.
+    parse_dates : bool
+        Turn date strings of received headers and contents into datetimes, as
+        legacy peers did. The engine leaves them as strings and echoes them as received.
+    """
+
+    def __init__(self, key: bytes | str = b"", *, session: str | None = None,
+                 username: str = protocol.USERNAME, signature_scheme: str = "hmac-md5",
+                 digest_history_size: int = 1 << 16, parse_dates: bool = True) -> None:
+        if isinstance(key, str):
+            key = key.encode("utf-8")
+        if signature_scheme not in _DIGESTS:
+            raise ValueError("signature_scheme must be one of %s, not %r"
+                             % (", ".join(_DIGESTS), signature_scheme))
+        if digest_history_size < 1:
+            raise ValueError("digest_history_size must be positive")
+        self.key = key
+        self.session = session or protocol.new_id()
+        self.bsession = self.session.encode("ascii")
+        self.username = username
+        self.signature_scheme = signature_scheme
+        self.parse_dates = parse_dates
+        self._auth = hmac.new(key, digestmod=_DIGESTS[signature_scheme]) if key else None
+        self.digest_history_size = digest_history_size
+        self._digests: set[bytes] = set()
+        self._digest_order: deque[bytes] = deque()
+        self.none = protocol.pack({})
+
+    # -- building -----------------------------------------------------------------
+
+    @property
+    def msg_id(self) -> str:
+        """A new message id on every access."""
+        return protocol.new_id()
+
+    def msg_header(self, msg_type: str) -> dict[str, Any]:
+        """Return a new header for ``msg_type`` from this session."""
+        return protocol.msg_header(protocol.new_id(), msg_type, self.username, self.session)
+
+    def msg(self, msg_type: str, content: dict[str, Any] | None = None,
+            parent: dict[str, Any] | None = None,
+            subheader: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Return a message dict; ``subheader`` keys are merged into the header."""
+        header = self.msg_header(msg_type)
+        if subheader:
+            header.update(subheader)
+        return {
+            "header": header,
+            "msg_id": header["msg_id"],
+            "msg_type": msg_type,
+            "parent_header": protocol.extract_header(parent),
+            "content": {} if content is None else content,
+        }
+
+    # -- signing ------------------------------------------------------------------
+
+    def sign(self, parts: Sequence[bytes]) -> bytes:
+        """Return the hex HMAC of ``parts`` (header, parent, content); ``b''`` without a key."""
+        if self._auth is None:
+            return b""
+        h = self._auth.copy()
+        for part in parts:
+            h.update(part)
+        return h.hexdigest().encode("ascii")
+
+    def _remember(self, signature: bytes) -> None:
+        if signature in self._digests:
+            raise DuplicateSignature("duplicate signature (replayed message)")
+        self._digests.add(signature)
+        self._digest_order.append(signature)
+        if len(self._digest_order) > self.digest_history_size:
+            self._digests.discard(self._digest_order.popleft())
+
+    # -- serializing --------------------------------------------------------------
+
+    def serialize(self, msg: dict[str, Any], ident: bytes | Sequence[bytes] | None = None
+                  ) -> list[bytes]:
+        """Return ``[idents..., DELIM, signature, header, parent, content]`` for ``msg``.
+
+        ``parent_header`` and ``content`` may be given already packed, as bytes.
+        """
+        content = msg.get("content")
+        if content is None:
+            content = self.none
+        elif isinstance(content, dict):
+            content = protocol.pack(content)
+        elif isinstance(content, str):
+            content = content.encode("utf-8")
+        elif not isinstance(content, bytes):
+            raise TypeError("content must be a dict or bytes, not %s" % type(content).__name__)
+        parent = msg.get("parent_header") or {}
+        if not isinstance(parent, bytes):
+            parent = protocol.pack(parent)
+        real = [protocol.pack(msg["header"]), parent, content]
+        if ident is None:
+            frames: list[bytes] = []
+        elif isinstance(ident, (bytes, bytearray, memoryview, zmq.Frame)):
+            frames = [ident]  # type: ignore[list-item]
+        else:
+            frames = list(ident)
+        frames.append(DELIM)
+        frames.append(self.sign(real))
+        frames.extend(real)
+        return frames
+
+    def send(self, stream: Any, msg_or_type: dict[str, Any] | str,
+             content: dict[str, Any] | bytes | None = None,
+             parent: dict[str, Any] | None = None,
+             ident: bytes | Sequence[bytes] | None = None,
+             buffers: Sequence[Any] | None = None,
+             subheader: dict[str, Any] | None = None, track: bool = False) -> dict[str, Any]:
+        """Build (unless given a message dict), sign and send a message on a socket or stream.
+
+        Buffers are sent without copying. Returns the message dict sent.
+        """
+        if isinstance(msg_or_type, dict):
+            msg = msg_or_type
+        else:
+            msg = self.msg(msg_or_type, content, parent, subheader)  # type: ignore[arg-type]
+        frames: list[Any] = self.serialize(msg, ident)
+        if buffers:
+            for buf in buffers:
+                _check_buffer(buf)
+            frames.extend(buffers)
+        if track:
+            msg["tracker"] = stream.send_multipart(frames, copy=False, track=True)
+        else:
+            stream.send_multipart(frames, copy=False)
+        return msg
+
+    # -- receiving ----------------------------------------------------------------
+
+    def feed_identities(self, msg_list: Sequence[Any], copy: bool = True
+                        ) -> tuple[list[bytes], list[Any]]:
+        """Split ``msg_list`` at the delimiter into (routing idents, the rest).
+
+        Raises MalformedMessage when there is no delimiter.
+        """
+        for idx, frame in enumerate(msg_list):
+            if len(frame) == len(DELIM) and _as_bytes(frame) == DELIM:
+                idents = [_as_bytes(f) for f in msg_list[:idx]]
+                return idents, list(msg_list[idx + 1:])
+        raise MalformedMessage("no delimiter %r among %d frames" % (DELIM, len(msg_list)))
+
+    def deserialize(self, msg_list: Sequence[Any], content: bool = True, copy: bool = True
+                    ) -> dict[str, Any]:
+        """Verify and unpack ``[signature, header, parent, content, buffers...]``.
+
+        The signature is checked (and remembered) before anything is unpacked.
+        Buffers are returned as received (bytes, or zmq.Frame when ``copy=False``).
+        Raises a MessageError subclass for anything that must be dropped.
+        """
+        if len(msg_list) < MIN_FRAMES:
+            raise MalformedMessage("a message needs at least %d frames after the delimiter, got %d"
+                                   % (MIN_FRAMES, len(msg_list)))
+        signature = _as_bytes(msg_list[protocol.SIGNATURE])
+        header_b = _as_bytes(msg_list[protocol.HEADER])
+        parent_b = _as_bytes(msg_list[protocol.PARENT])
+        content_b = _as_bytes(msg_list[protocol.CONTENT])
+        if self._auth is not None:
+            if not signature:
+                raise UnsignedMessage("unsigned message")
+            if not hmac.compare_digest(signature, self.sign((header_b, parent_b, content_b))):
+                raise InvalidSignature("invalid signature")
+            self._remember(signature)
+        try:
+            header = protocol.unpack(header_b)
+            parent = protocol.unpack(parent_b)
+            body = protocol.unpack(content_b) if content else content_b
+        except (ValueError, UnicodeDecodeError) as e:
+            raise MalformedMessage("frames are not JSON: %s" % e) from None
+        if not isinstance(header, dict) or not isinstance(parent, dict) or (
+                content and not isinstance(body, dict)):
+            raise MalformedMessage("header, parent_header and content must be JSON objects")
+        msg_type = header.get("msg_type")
+        if not isinstance(msg_type, str) or not isinstance(header.get("msg_id"), str):
+            raise MalformedMessage("header lacks a string msg_type or msg_id")
+        if self.parse_dates:
+            header = protocol.extract_dates(header)
+            parent = protocol.extract_dates(parent)
+            if content:
+                body = protocol.extract_dates(body)
+        buffers = list(msg_list[MIN_FRAMES:])
+        if copy:
+            buffers = [_as_bytes(b) for b in buffers]
+        return {
+            "header": header,
+            "msg_id": header["msg_id"],
+            "msg_type": msg_type,
+            "parent_header": parent,
+            "content": body,
+            "buffers": buffers,
+        }
+
+    #: 0.11 names of :meth:`deserialize`
+    unserialize = deserialize
+    unpack_message = deserialize
+
+    def recv(self, socket: Any, mode: int = zmq.NOBLOCK, content: bool = True,
+             copy: bool = True) -> tuple[list[bytes] | None, dict[str, Any] | None]:
+        """Receive one message from a socket or stream: ``(idents, msg)``, or
+        ``(None, None)`` when nothing is waiting. Invalid messages raise MessageError."""
+        socket = getattr(socket, "socket", socket)
+        try:
+            msg_list = socket.recv_multipart(mode, copy=copy)
+        except zmq.Again:
+            return None, None
+        idents, rest = self.feed_identities(msg_list, copy)
+        return idents, self.deserialize(rest, content=content, copy=copy)
+
+
+def _check_buffer(buf: Any) -> None:
+    if isinstance(buf, (bytes, zmq.Frame)):
+        return
+    try:
+        view = memoryview(buf)
+    except TypeError:
+        raise TypeError("buffer %r does not support the buffer protocol"
+                        % type(buf).__name__) from None
+    if not view.contiguous:
+        raise ValueError("buffer is not contiguous")
+
+
+__all__ = ["Session", "MessageError"]

@@ -1,0 +1,165 @@
+"""The kernel on real sockets: each handler, routing, abort and stop-on-error."""
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+
+from streamkernel import protocol
+from streamkernel.serialize import deserialize_object, interactive, pack_apply_message
+
+from .harness import CLIENT_ID, ENGINE_ID
+
+
+def execute(h, code, kind="mux"):
+    msg = h.request("execute_request", {"code": code, "silent": False}, kind=kind)
+    idents, reply = h.recv(kind)
+    assert reply["parent_header"]["msg_id"] == msg["msg_id"]
+    return idents, reply
+
+
+def apply(h, f, *args, kind="mux", **kwargs):
+    msg = h.request("apply_request", {}, kind=kind, buffers=pack_apply_message(f, args, kwargs))
+    idents, reply = h.recv(kind)
+    assert reply["parent_header"]["msg_id"] == msg["msg_id"]
+    return reply
+
+
+def test_execute_ok_routes_back_through_the_full_prefix(harness):
+    # the engine sent [mux peer id, client id, ...]: the peer id routed it to the MUX hub
+    idents, reply = execute(harness, "a = 5")
+    assert idents == [CLIENT_ID]
+    assert reply["msg_type"] == "execute_reply"
+    assert reply["content"] == {"status": "ok"}
+    assert set(reply["header"]) == {"msg_id", "msg_type", "username", "session", "date",
+                                    "started"}
+    assert reply["header"]["session"] == ENGINE_ID
+
+
+def test_execute_runs_all_statements_and_publishes_output_before_reply(harness):
+    execute(harness, "a = 5")
+    _, reply = execute(harness, "print(a * 2)\nimport sys; print('e', file=sys.stderr)\na + 1")
+    assert reply["content"]["status"] == "ok"
+    pub = harness.iopub()
+    kinds = [(topic, m["msg_type"]) for topic, m in pub]
+    assert kinds[-4:] == [(b"engine.0.pyin", "pyin"), (b"engine.0.stdout", "stream"),
+                          (b"engine.0.stderr", "stream"), (b"engine.0.pyout", "pyout")]
+    assert pub[-3][1]["content"] == {"name": "stdout", "data": "10\n"}
+    assert pub[-1][1]["content"] == {"data": "6"}
+    assert all(m["parent_header"]["msg_id"] == reply["parent_header"]["msg_id"]
+               for _, m in pub[-4:])
+
+
+def test_execute_error_aborts_what_is_queued(harness):
+    msgs = [harness.request("execute_request", {"code": c})
+            for c in ("import time; time.sleep(0.3); 1/0", "x1 = 1", "x2 = 2")]
+    replies = [harness.recv()[1] for _ in msgs]
+    assert [r["parent_header"]["msg_id"] for r in replies] == [m["msg_id"] for m in msgs]
+    first = replies[0]["content"]
+    assert first["status"] == "error" and first["ename"] == "ZeroDivisionError"
+    assert first["engine_info"] == {"engine_uuid": ENGINE_ID, "engine_id": 0,
+                                    "method": "execute"}
+    for r in replies[1:]:
+        assert r["content"] == {"status": "aborted"}
+        assert r["header"]["status"] == "aborted"
+    _, reply = execute(harness, "x3 = 3")
+    assert reply["content"]["status"] == "ok"
+
+
+def test_apply_lambda_sees_engine_namespace_via_mux_and_task(harness):
+    execute(harness, "a = 5")
+    for kind in ("mux", "task"):
+        reply = apply(harness, interactive(lambda: a), kind=kind)  # noqa: F821
+        assert reply["header"]["status"] == "ok"
+        assert reply["header"]["engine"] == ENGINE_ID
+        assert reply["header"]["dependencies_met"] is True
+        assert deserialize_object(reply["buffers"])[0] == 5
+
+
+def test_apply_error_does_not_abort_the_queue(harness):
+    harness.request("apply_request", {}, buffers=pack_apply_message(lambda: 1 / 0, (), {}))
+    harness.request("execute_request", {"code": "y = 1"})
+    _, r1 = harness.recv()
+    _, r2 = harness.recv()
+    assert r1["content"]["ename"] == "ZeroDivisionError"
+    assert r1["header"]["status"] == "error"
+    assert r2["content"]["status"] == "ok"
+
+
+def test_unmet_dependency_sets_header_flag(harness):
+    def f():
+        from streamkernel.errors import UnmetDependency
+        raise UnmetDependency()
+    reply = apply(harness, f)
+    assert reply["header"]["dependencies_met"] is False
+    assert reply["header"]["status"] == "error"
+
+
+def test_abort_by_msg_id_and_abort_all(harness):
+    first = harness.request("execute_request", {"code": "import time; time.sleep(0.3)"})
+    second = harness.request("execute_request", {"code": "z = 1"})
+    harness.request("abort_request", {"msg_ids": [second["msg_id"]]}, kind="control")
+    _, r1 = harness.recv()
+    _, abort_reply = harness.recv("control")
+    _, r2 = harness.recv()
+    assert r1["parent_header"]["msg_id"] == first["msg_id"]
+    assert abort_reply["content"] == {"status": "ok"}
+    assert r2["content"] == {"status": "aborted"} and r2["header"]["status"] == "aborted"
+    harness.request("abort_request", {}, kind="control")
+    _, r3 = harness.recv("control")
+    assert r3["content"] == {"status": "ok"}
+
+
+def test_clear_resets_namespace_and_reruns_exec_lines(make_harness):
+    h = make_harness(exec_lines=["base = 42"])
+    execute(h, "v = 1")
+    h.request("clear_request", {}, kind="control")
+    _, r = h.recv("control")
+    assert r["msg_type"] == "clear_reply" and r["content"] == {"status": "ok"}
+    _, r = execute(h, "v")
+    assert r["content"]["ename"] == "NameError"
+    _, r = execute(h, "assert base == 42")
+    assert r["content"]["status"] == "ok"
+
+
+def test_complete_request(harness):
+    execute(harness, "my_variable = 1")
+    harness.request("complete_request", {"text": "my_va", "line": "x = my_va", "block": None})
+    _, r = harness.recv()
+    assert r["msg_type"] == "complete_reply"
+    assert r["content"] == {"matches": ["my_variable"], "status": "ok"}
+    harness.request("complete_request", {"line": "print(le", "cursor_pos": 8})
+    _, r = harness.recv()
+    assert "len(" in r["content"]["matches"]
+    harness.request("complete_request", {})
+    _, r = harness.recv()
+    assert r["content"]["status"] == "ok"
+
+
+def test_shutdown_replies_and_calls_host(harness):
+    harness.request("shutdown_request", {"restart": False}, kind="control")
+    _, r = harness.recv("control")
+    assert r["content"] == {"restart": False, "status": "ok"}
+    assert harness.shutdown_called.wait(5)
+
+
+def test_invalid_messages_are_dropped_and_engine_keeps_serving(harness, caplog):
+    good = harness.client.serialize(harness.client.msg("execute_request", {"code": "1"}),
+                                    [CLIENT_ID])
+    forged = list(good)
+    forged[3] = b"0" * 32
+    harness.send_frames("mux", forged)                       # wrong signature
+    harness.send_frames("mux", [CLIENT_ID, b"no delimiter"])  # malformed
+    harness.send_frames("mux", good)
+    harness.send_frames("mux", good)                          # replay
+    _, r = harness.recv()
+    assert r["content"]["status"] == "ok"
+    assert harness.no_message()
+
+
+def test_sys_stdout_restored_after_request(harness):
+    before = sys.stdout, sys.stderr, sys.displayhook
+    execute(harness, "import sys; sys.stdout = None; print_ok = 1")
+    time.sleep(0.05)
+    assert (sys.stdout, sys.stderr, sys.displayhook) == before
