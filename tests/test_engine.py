@@ -1,0 +1,137 @@
+"""The engine process: registration, heartbeat, serving, exit codes, config errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from streamkernel.testing import StubHub
+
+from .legacy_env import kill, py3_env
+
+pytestmark = pytest.mark.integration
+
+
+def run_engine(config_path, *args):
+    return subprocess.Popen([sys.executable, "-m", "streamkernel", "--config", str(config_path),
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=py3_env())
+
+
+@pytest.fixture
+def hub():
+    h = StubHub(heartbeat_period=0.2)
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def procs():
+    started = []
+    yield started
+    for p in started:
+        kill(p)
+        p.stdout.close()
+        p.stderr.close()
+
+
+def test_registers_heartbeats_serves_and_shuts_down(hub, tmp_path, procs):
+    proc = run_engine(hub.write_connection_file(tmp_path / "engine.json"))
+    procs.append(proc)
+    eid = hub.register()
+    reg = hub.last_registration
+    uuid = reg["content"]["queue"]
+    assert reg["content"] == {"queue": uuid, "heartbeat": uuid, "control": uuid}
+    assert reg["header"]["session"] == uuid
+    hub.wait_beating(eid)
+    time.sleep(0.2)
+    hub.send(eid, "execute_request", {"code": "x = 6 * 7"})
+    reply = hub.recv()
+    assert reply["content"] == {"status": "ok"}
+    assert reply["idents"] == [uuid.encode(), hub.client_id]
+    hub.send(eid, "execute_request", {"code": "x"}, via="task")
+    assert hub.recv("task")["content"] == {"status": "ok"}
+    hub.send(eid, "shutdown_request", {"restart": False}, via="control")
+    assert hub.recv("control")["content"] == {"restart": False, "status": "ok"}
+    assert proc.wait(10) == 0
+    err = proc.stderr.read().decode()
+    assert "registered as engine 0" in err and "Traceback" not in err
+
+
+def test_no_registration_reply_exits_255_after_unregistering(hub, tmp_path, procs):
+    proc = run_engine(hub.write_connection_file(tmp_path / "engine.json"), "--timeout", "0.5")
+    procs.append(proc)
+    assert proc.wait(10) == 255
+    err = proc.stderr.read().decode()
+    assert "registration timed out after 0.5 s" in err and "Traceback" not in err
+    sock = hub.sockets["registration"]
+    msgs = []
+    while sock.poll(500):
+        msgs.append(hub.session.recv(sock, mode=0)[1]["msg_type"])
+    assert msgs == ["registration_request", "unregistration_request"]
+
+
+def test_refused_registration_exits_3(hub, tmp_path, procs):
+    proc = run_engine(hub.write_connection_file(tmp_path / "engine.json"))
+    procs.append(proc)
+    hub.register(refuse=True)
+    assert proc.wait(10) == 3
+    assert "registration refused by the hub: KeyError: queue_id in use" in proc.stderr.read().decode()
+
+
+def test_heartbeat_loss_exits_4(hub, tmp_path, procs):
+    proc = run_engine(hub.write_connection_file(tmp_path / "engine.json"),
+                      "--heartbeat-timeout", "1")
+    procs.append(proc)
+    eid = hub.register()
+    hub.wait_beating(eid)
+    hub.beating.clear()
+    start = time.monotonic()
+    assert proc.wait(10) == 4
+    assert time.monotonic() - start < 4
+    assert "no heartbeat from the hub" in proc.stderr.read().decode()
+
+
+def test_sigterm_while_idle_exits_0(hub, tmp_path, procs):
+    proc = run_engine(hub.write_connection_file(tmp_path / "engine.json"))
+    procs.append(proc)
+    eid = hub.register()
+    hub.wait_beating(eid)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(10) == 0
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read"),
+    ("{not json", "is not valid JSON"),
+    ("[1, 2]", "must hold a JSON object"),
+    ('{"exec_key": "k"}', "missing key 'url'"),
+    ('{"url": "tcp://127.0.0.1:1", "exec_key": "k", "locaton": "x"}',
+     "unknown key 'locaton' (did you mean 'location'?)"),
+    ('{"url": "tcp://127.0.0.1:1", "exec_key": ""}', "exec_key is empty"),
+    ('{"url": "tcp://127.0.0.1:1", "exec_key": 5}', "exec_key must be a str"),
+])
+def test_config_errors_are_one_line_and_exit_1(tmp_path, procs, content, message):
+    path = tmp_path / "engine.json"
+    if content is not None:
+        path.write_text(content)
+    proc = run_engine(path)
+    procs.append(proc)
+    assert proc.wait(10) == 1
+    err = proc.stderr.read().decode()
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith("streamkernel: ")
+
+
+def test_version_and_help():
+    out = subprocess.run([sys.executable, "-m", "streamkernel", "--version"],
+                         capture_output=True, text=True, env=py3_env())
+    assert out.returncode == 0 and out.stdout.startswith("streamkernel ")
+    out = subprocess.run([sys.executable, "-m", "streamkernel", "--help"],
+                         capture_output=True, text=True, env=py3_env())
+    assert out.returncode == 0 and "--config" in out.stdout and "--insecure" in out.stdout
