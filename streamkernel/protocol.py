@@ -65,6 +65,11 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
+def now() -> str:
+    """The current local time in :data:`DATE_FORMAT`."""
+    return datetime.now().isoformat(timespec="microseconds")
+
+
 def msg_header(msg_id: str, msg_type: str, username: str, session: str) -> dict[str, Any]:
     """Return a message header with the current local time as ``date``."""
     return {
@@ -72,7 +77,7 @@ def msg_header(msg_id: str, msg_type: str, username: str, session: str) -> dict[
         "msg_type": msg_type,
         "username": username,
         "session": session,
-        "date": datetime.now(),
+        "date": now(),
     }
 
 
@@ -134,6 +139,6 @@ __all__ = [
     "PYIN", "PYOUT", "PYERR", "STREAM",
     "STARTED", "ENGINE", "STATUS", "DEPENDENCIES_MET", "OK", "ERROR", "ABORTED",
     "DATE_FORMAT", "DATE_PATTERN", "USERNAME",
-    "reply_type", "topic", "new_id", "msg_header", "extract_header",
+    "reply_type", "topic", "new_id", "now", "msg_header", "extract_header",
     "pack", "unpack", "extract_dates",
 ]

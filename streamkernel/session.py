@@ -180,7 +180,7 @@ class Session:
         if track:
             msg["tracker"] = stream.send_multipart(frames, copy=False, track=True)
         else:
-            stream.send_multipart(frames, copy=False)
+            send_frames(stream, frames)
         return msg
 
     # -- receiving ----------------------------------------------------------------
@@ -264,6 +264,43 @@ class Session:
         return idents, self.deserialize(rest, content=content, copy=copy)
 
 
+_raw_send = zmq.backend.Socket.send
+_raw_recv = zmq.backend.Socket.recv
+_raw_get = zmq.backend.Socket.get
+_SNDMORE = int(zmq.SNDMORE)
+_RCVMORE = int(zmq.RCVMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
+
+
+def recv_frames(socket: zmq.Socket, copy: bool = False) -> list[Any] | None:
+    """Receive one multipart message without waiting; None when nothing is queued."""
+    try:
+        frames = [_raw_recv(socket, _NOBLOCK, copy)]
+    except zmq.Again:
+        return None
+    while _raw_get(socket, _RCVMORE):
+        frames.append(_raw_recv(socket, 0, copy))
+    return frames
+#: bytes frames shorter than this are copied into the message; larger ones are not.
+COPY_THRESHOLD = 65536
+
+
+def send_frames(socket: Any, frames: Sequence[Any]) -> None:
+    """Send ``frames`` as one multipart message on a socket or ZMQStream.
+
+    On a socket, small bytes frames are copied and everything else (large bytes,
+    memoryviews, arrays, zmq.Frame) is sent without copying. A ZMQStream queues the
+    message for its loop.
+    """
+    if not isinstance(socket, zmq.backend.Socket):
+        socket.send_multipart(frames, copy=False)
+        return
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        copy = type(frame) is bytes and len(frame) < COPY_THRESHOLD
+        _raw_send(socket, frame, _SNDMORE if i < last else 0, copy)
+
+
 def _check_buffer(buf: Any) -> None:
     if isinstance(buf, (bytes, zmq.Frame)):
         return
@@ -276,4 +313,4 @@ def _check_buffer(buf: Any) -> None:
         raise ValueError("buffer is not contiguous")
 
 
-__all__ = ["Session", "MessageError"]
+__all__ = ["Session", "MessageError", "send_frames", "recv_frames", "COPY_THRESHOLD"]
