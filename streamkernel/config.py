@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,9 +48,9 @@ class EngineConfig:
         if self.signature_scheme not in SIGNATURE_SCHEMES:
             raise ConfigError("signature_scheme %r is not one of %s" % (
                 self.signature_scheme, ", ".join(SIGNATURE_SCHEMES)))
-        if self.timeout <= 0:
+        if not (self.timeout > 0 and math.isfinite(self.timeout)):
             raise ConfigError("timeout must be positive, not %r" % self.timeout)
-        if self.heartbeat_timeout < 0:
+        if not (self.heartbeat_timeout >= 0 and math.isfinite(self.heartbeat_timeout)):
             raise ConfigError("heartbeat_timeout must be >= 0 (0 disables), not %r"
                               % self.heartbeat_timeout)
         if not self.exec_key and not self.insecure:

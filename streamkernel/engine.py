@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import time
 from typing import Any, Sequence
 
 import zmq
@@ -114,7 +116,8 @@ class Engine:
         self.kernel = Kernel(session=self.session, control_stream=control, shell_streams=[shell],
                              iopub_stream=iopub, loop=self.loop, int_id=self.id,
                              ident=self.ident, user_ns=self.user_ns, exec_lines=self.exec_lines,
-                             on_shutdown=lambda: self.exit(EXIT_OK))
+                             on_shutdown=lambda: self.exit(EXIT_OK), on_stuck=self._exit_now)
+        self.kernel.interrupt_by_signal = True
         self.kernel.start()
         self.heart = Heartbeat(self.context, ping_url, pong_url, self.ident.encode("ascii"))
         self.heart.start()
@@ -139,6 +142,12 @@ class Engine:
                   self.config.timeout, self.config.url)
         self.session.send(self.registrar, protocol.UNREGISTRATION_REQUEST, {"id": self.id})
         self.exit(EXIT_TIMEOUT)
+
+    def _exit_now(self) -> None:
+        """Running code ignored a shutdown's interrupt: leave without waiting for it."""
+        log.error("exiting with status 0 while user code still runs")
+        time.sleep(_LINGER_MS / 1000)  # let the replies already sent leave
+        os._exit(EXIT_OK)
 
     def exit(self, code: int) -> None:
         """Stop the loop; :meth:`close` then releases everything."""
@@ -203,7 +212,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine.exit(EXIT_OK)
         loop.add_callback_from_signal(loop.stop)
 
+    def on_sigint(signum: int, frame: Any) -> None:
+        if engine.kernel is not None and engine.kernel.on_sigint():
+            return  # (on_sigint raised KeyboardInterrupt into the running code)
+        log.info("interrupted while idle: exiting")
+        engine.exit(EXIT_OK)
+        loop.add_callback_from_signal(loop.stop)
+
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_sigint)
     engine.start()
     try:
         loop.start()

@@ -8,12 +8,17 @@ routing prefix it came with.
 from __future__ import annotations
 
 import ast
+import functools
 import logging
 import os
 import re
+import ctypes
 import rlcompleter
+import signal
 import sys
-from datetime import datetime
+import threading
+import time
+from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Sequence
 
 import zmq
@@ -22,8 +27,10 @@ from tornado.ioloop import IOLoop
 from . import protocol
 from .errors import MessageError, UnmetDependency, error_content
 from .outstream import DisplayHook, OutStream, redirect
-from .serialize import serialize_object, unpack_apply_message
-from .session import Session
+from . import legacy
+from .serialize import is_legacy_payload, serialize_object, unpack_apply_message
+from .session import Session, recv_frames
+from .watcher import ControlWatcher
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +41,8 @@ CODE_FILENAME = "<streamkernel>"
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _MAX_ABORTED = 100_000
 _MAX_MATCHES = 1000
+#: Shell messages served per loop wake-up at most (control is still served before each).
+_BATCH = 64
 _TOKEN = re.compile(r"[\w.]*$")
 
 
@@ -56,6 +65,9 @@ class Kernel:
     on_shutdown : callable
         Called (from the loop, ``shutdown_delay`` seconds after the reply) when a
         shutdown_request is served. Without one the kernel just stops serving.
+    on_stuck : callable
+        Called from the control thread when running code ignores the interrupt of
+        a shutdown for ``shutdown_grace`` seconds (the engine process exits).
     """
 
     def __init__(self, *, session: Session | None = None, control_stream: Any = None,
@@ -64,7 +76,8 @@ class Kernel:
                  ident: str | bytes = "", user_ns: dict[str, Any] | None = None,
                  exec_lines: Iterable[str] = (), log: logging.Logger | None = None,
                  client: Any = None, on_shutdown: Callable[[], None] | None = None,
-                 shutdown_delay: float = 1.0, **legacy: Any) -> None:
+                 shutdown_delay: float = 1.0, on_stuck: Callable[[], None] | None = None,
+                 shutdown_grace: float = 5.0, **legacy: Any) -> None:
         self.log = log or globals()["log"]
         for name in legacy:  # 0.11 traitlets options with no meaning here (config=...)
             self.log.debug("ignoring Kernel option %r", name)
@@ -85,8 +98,18 @@ class Kernel:
         self.client = client
         self.on_shutdown = on_shutdown
         self.shutdown_delay = shutdown_delay
+        self.on_stuck = on_stuck
         self.aborted: dict[str, None] = {}
         self.shutting_down = False
+        #: Held by the kernel's thread except while user code runs (see watcher.py).
+        self.socket_lock = threading.Lock()
+        self.running_since: float | None = None
+        self.running_msg_id: str | None = None
+        #: Interrupt user code with SIGINT (the process's handler calls interrupt()).
+        self.interrupt_by_signal = False
+        self._interrupt_reason: str | None = None
+        self._thread_id: int | None = None
+        self._watcher = ControlWatcher(self, shutdown_grace=shutdown_grace)
         self._parent: dict[str, Any] = {}
         self._iopub_socket = getattr(iopub_stream, "socket", iopub_stream)
         self.shell_handlers: dict[str, Handler] = {
@@ -124,7 +147,10 @@ class Kernel:
                 self.log.error("exec_line %r failed", line, exc_info=True)
 
     def start(self) -> None:
-        """Start receiving on the control and shell streams."""
+        """Start receiving on the control and shell streams (from the loop's thread)."""
+        self._thread_id = threading.get_ident()
+        self.socket_lock.acquire()
+        self._watcher.start()
         if self.control_stream is not None:
             self.control_stream.on_recv(self.dispatch_control, copy=False)
         for stream in self.shell_streams:
@@ -132,12 +158,24 @@ class Kernel:
 
     def stop(self) -> None:
         """Stop receiving; the streams stay open for the host to close."""
+        self._watcher.stop()
         for stream in [self.control_stream] + self.shell_streams:
             if stream is not None and not stream.closed():
                 stream.stop_on_recv()
 
     def _dispatcher(self, stream: Any) -> Callable[[list], None]:
+        socket = stream.socket
+
         def dispatcher(frames: list) -> None:
+            # serve what else is already queued without a loop round trip per message
+            for _ in range(_BATCH):
+                self.dispatch_queue(stream, frames)
+                if stream.closed() or self.shutting_down:
+                    return
+                next_frames = recv_frames(socket)
+                if next_frames is None:
+                    return
+                frames = next_frames
             self.dispatch_queue(stream, frames)
         return dispatcher
 
@@ -151,6 +189,10 @@ class Kernel:
     def _reply(self, stream: Any, parent: dict[str, Any], content: dict[str, Any],
                idents: list[bytes], subheader: dict[str, Any] | None = None,
                buffers: Sequence[Any] | None = None) -> dict[str, Any]:
+        """Send a reply now, straight on the stream's socket (ROUTER sends never block),
+        unless the stream already queues messages, which must leave first."""
+        if getattr(stream, "socket", None) is not None and not stream.sending():
+            stream = stream.socket
         return self.session.send(stream, protocol.reply_type(parent["msg_type"]), content,
                                  parent=parent["header"], ident=idents, buffers=buffers,
                                  subheader=subheader)
@@ -220,17 +262,25 @@ class Kernel:
 
     def abort_queues(self) -> None:
         """Answer every message waiting on the shell streams as aborted."""
-        for stream in self.shell_streams:
-            self.abort_queue(stream)
+        self._answer_aborted(self._drain())
 
     def abort_queue(self, stream: Any) -> None:
         """Answer every message waiting on ``stream`` as aborted."""
-        socket = getattr(stream, "socket", stream)
-        while True:
-            try:
-                frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        self._answer_aborted(self._drain([stream]))
+
+    def _drain(self, streams: Sequence[Any] | None = None) -> list[tuple[Any, list]]:
+        """Take every message waiting on the shell streams, without answering yet."""
+        waiting = []
+        for stream in self.shell_streams if streams is None else streams:
+            socket = getattr(stream, "socket", stream)
+            frames = recv_frames(socket)
+            while frames is not None:
+                waiting.append((stream, frames))
+                frames = recv_frames(socket)
+        return waiting
+
+    def _answer_aborted(self, waiting: list[tuple[Any, list]]) -> None:
+        for stream, frames in waiting:
             unpacked = self._unpack(frames, "shell")
             if unpacked is not None:
                 self._reply_aborted(stream, *unpacked)
@@ -243,11 +293,15 @@ class Kernel:
         if not msg_ids:
             self.abort_queues()
         else:
-            for mid in msg_ids:
-                self.aborted[str(mid)] = None
-            while len(self.aborted) > _MAX_ABORTED:
-                del self.aborted[next(iter(self.aborted))]
+            self.mark_aborted(msg_ids)
         self._reply(stream, msg, {protocol.STATUS: protocol.OK}, idents)
+
+    def mark_aborted(self, msg_ids: Iterable[Any]) -> None:
+        """Remember ids to answer as aborted when they reach the front of the queue."""
+        for mid in msg_ids:
+            self.aborted[str(mid)] = None
+        while len(self.aborted) > _MAX_ABORTED:
+            del self.aborted[next(iter(self.aborted))]
 
     def shutdown_request(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
         """Abort what is queued, reply, then shut down after ``shutdown_delay``."""
@@ -261,6 +315,9 @@ class Kernel:
             content = dict(msg["content"])
             content[protocol.STATUS] = protocol.OK
         self._reply(stream, msg, content, idents)
+        self._schedule_shutdown()
+
+    def _schedule_shutdown(self) -> None:
         self.loop.call_later(self.shutdown_delay, self._finish_shutdown)
 
     def _finish_shutdown(self) -> None:
@@ -322,32 +379,39 @@ class Kernel:
         if not isinstance(code, str):
             raise TypeError("execute_request content needs a string 'code'")
         self._publish(protocol.PYIN, {"code": code}, self._topic(protocol.PYIN))
-        started = datetime.now()
+        started = protocol.now()
         try:
-            with self._user_io():
+            with self._user_io(), self._running(msg["msg_id"]):
                 self._run_code(code)
         except BaseException:
             content = self._error("execute")
         else:
             content = {protocol.STATUS: protocol.OK}
+        waiting = []
+        if content[protocol.STATUS] == protocol.ERROR and not (
+                self._interrupt_reason or "").startswith("aborted by"):
+            # stop on error: what was queued before this reply leaves is aborted after it
+            waiting = self._drain()
         self._reply(stream, msg, content, idents, subheader={protocol.STARTED: started})
-        if content[protocol.STATUS] == protocol.ERROR:
-            self.abort_queues()
+        self._answer_aborted(waiting)
 
     def apply_request(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
         """Call a serialized function; the result travels in the reply's buffers."""
         self._parent = msg["header"]
         sub = {protocol.DEPENDENCIES_MET: True, protocol.ENGINE: self.ident,
-               protocol.STARTED: datetime.now()}
+               protocol.STARTED: protocol.now()}
         bufs = msg.pop("buffers")
         result_buf: list[Any] = []
+        unpack, pack = unpack_apply_message, serialize_object
+        if bufs and is_legacy_payload(bufs[0]):  # a Python 2 client: answer in its format
+            unpack, pack = legacy.unpack_apply_message, legacy.serialize_object
         try:
-            with self._user_io():
-                f, args, kwargs = unpack_apply_message(bufs, self.user_ns, copy=False)
+            with self._user_io(), self._running(msg["msg_id"]):
+                f, args, kwargs = unpack(bufs, self.user_ns, copy=False)
                 del bufs[:]
                 result = f(*args, **kwargs)
                 del f, args, kwargs
-                result_buf = serialize_object(result)
+                result_buf = pack(result)
                 del result
         except BaseException:
             del bufs[:]
@@ -361,20 +425,51 @@ class Kernel:
 
     # -- running user code --------------------------------------------------------------
 
+    @contextmanager
+    def _running(self, msg_id: str) -> Any:
+        """Run user code: the control thread may serve control and interrupt it."""
+        self._interrupt_reason = None
+        self.running_msg_id = msg_id
+        self.running_since = time.monotonic()
+        self.socket_lock.release()
+        try:
+            yield
+        finally:
+            try:
+                self.running_since = None  # from here on SIGINT no longer interrupts
+            finally:
+                self.socket_lock.acquire()
+                self.running_msg_id = None
+
+    def interrupt(self, reason: str = "interrupted") -> bool:
+        """Raise KeyboardInterrupt in running user code; False when none runs."""
+        if self.running_since is None or self._thread_id is None:
+            return False
+        self._interrupt_reason = reason
+        if self.interrupt_by_signal and self._thread_id == threading.main_thread().ident:
+            signal.pthread_kill(self._thread_id, signal.SIGINT)
+        else:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(self._thread_id), ctypes.py_object(KeyboardInterrupt))
+        return True
+
+    def on_sigint(self) -> bool:
+        """For the process's SIGINT handler: interrupt user code if it runs."""
+        if self.running_since is None:
+            return False
+        raise KeyboardInterrupt(self._interrupt_reason or "interrupted by SIGINT")
+
     def _user_io(self) -> Any:
         self.stdout.parent = self.stderr.parent = self._parent
         return redirect(self.stdout, self.stderr, self.displayhook)
 
     def _run_code(self, code: str) -> None:
         """Run all of ``code``; the value of a final expression statement goes to pyout."""
-        tree = ast.parse(code, CODE_FILENAME, "exec")
-        last = tree.body[-1] if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        body, last = _compile(code)
+        if body is not None:
+            exec(body, self.user_ns)
         if last is not None:
-            tree.body.pop()
-        if tree.body:
-            exec(compile(tree, CODE_FILENAME, "exec"), self.user_ns)
-        if last is not None:
-            exec(compile(ast.Interactive([last]), CODE_FILENAME, "single"), self.user_ns)
+            exec(last, self.user_ns)
 
     def _error(self, method: str) -> dict[str, Any]:
         """Publish pyerr for the exception being handled and return the reply content."""
@@ -384,6 +479,16 @@ class Kernel:
         content = error_content(self._engine_info(method), (etype, evalue, tb))
         self._publish(protocol.PYERR, content, self._topic(protocol.PYERR))
         return content
+
+
+@functools.lru_cache(maxsize=256)
+def _compile(code: str) -> tuple[Any, Any]:
+    """Compile ``code`` into (statements, final expression in 'single' mode or None)."""
+    tree = ast.parse(code, CODE_FILENAME, "exec")
+    last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+    body = compile(tree, CODE_FILENAME, "exec") if tree.body else None
+    single = compile(ast.Interactive([last]), CODE_FILENAME, "single") if last else None
+    return body, single
 
 
 __all__ = ["Kernel", "UnmetDependency"]

@@ -135,3 +135,24 @@ def test_version_and_help():
     out = subprocess.run([sys.executable, "-m", "streamkernel", "--help"],
                          capture_output=True, text=True, env=py3_env())
     assert out.returncode == 0 and "--config" in out.stdout and "--insecure" in out.stdout
+
+
+def test_sigint_interrupts_running_code_and_exits_when_idle(hub, tmp_path, procs):
+    proc = run_engine(hub.write_connection_file(tmp_path / "engine.json"))
+    procs.append(proc)
+    eid = hub.register()
+    hub.wait_beating(eid)
+    time.sleep(0.2)
+    hub.send(eid, "execute_request", {"code": "import time\nwhile True: time.sleep(0.01)"})
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    os.kill(proc.pid, signal.SIGINT)
+    reply = hub.recv(timeout=5)
+    latency = time.monotonic() - t0
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    assert latency < 1
+    hub.send(eid, "execute_request", {"code": "ok = 1"})
+    assert hub.recv()["content"] == {"status": "ok"}
+    os.kill(proc.pid, signal.SIGINT)
+    assert proc.wait(10) == 0
+    assert "interrupted while idle" in proc.stderr.read().decode()

@@ -163,3 +163,52 @@ def test_sys_stdout_restored_after_request(harness):
     execute(harness, "import sys; sys.stdout = None; print_ok = 1")
     time.sleep(0.05)
     assert (sys.stdout, sys.stderr, sys.displayhook) == before
+
+
+def test_abort_naming_the_running_request_interrupts_it_and_keeps_the_queue(harness):
+    running = harness.request("execute_request", {"code": "import time\nfor i in range(500): time.sleep(0.01)"})
+    queued = harness.request("execute_request", {"code": "after = 1"})
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    harness.request("abort_request", {"msg_ids": [running["msg_id"]]}, kind="control")
+    _, abort_reply = harness.recv("control")
+    _, r1 = harness.recv()
+    elapsed = time.monotonic() - t0
+    assert abort_reply["content"] == {"status": "ok"}
+    assert r1["parent_header"]["msg_id"] == running["msg_id"]
+    assert r1["content"]["ename"] == "KeyboardInterrupt"
+    assert elapsed < 2
+    _, r2 = harness.recv()
+    assert r2["parent_header"]["msg_id"] == queued["msg_id"]
+    assert r2["content"] == {"status": "ok"}
+
+
+def test_shutdown_while_running_replies_at_once_and_aborts_queue(harness):
+    running = harness.request("execute_request", {"code": "import time\nfor i in range(500): time.sleep(0.01)"})
+    queued = harness.request("execute_request", {"code": "after = 1"})
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    harness.request("shutdown_request", {"restart": False}, kind="control")
+    _, sd = harness.recv("control")
+    assert time.monotonic() - t0 < 1
+    assert sd["content"] == {"restart": False, "status": "ok"}
+    replies = {}
+    for _ in range(2):
+        _, r = harness.recv()
+        replies[r["parent_header"]["msg_id"]] = r
+    assert replies[queued["msg_id"]]["content"] == {"status": "aborted"}
+    assert replies[running["msg_id"]]["content"]["ename"] == "KeyboardInterrupt"
+    assert harness.shutdown_called.wait(5)
+    assert time.monotonic() - t0 < 3
+
+
+def test_control_clear_during_a_long_request_waits_for_it(harness):
+    harness.request("execute_request", {"code": "import time; time.sleep(0.4); v = 1"})
+    time.sleep(0.1)
+    harness.request("clear_request", {}, kind="control")
+    _, r = harness.recv()
+    assert r["content"] == {"status": "ok"}
+    _, c = harness.recv("control")
+    assert c["content"] == {"status": "ok"}
+    _, r = execute(harness, "v")
+    assert r["content"]["ename"] == "NameError"
