@@ -11,6 +11,7 @@ from typing import Any
 from .errors import ConfigError
 
 SIGNATURE_SCHEMES = ("hmac-md5", "hmac-sha256")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,9 @@ class EngineConfig:
     timeout: float = 2.0
     heartbeat_timeout: float = 10.0
     insecure: bool = False
+    log_level: str = "INFO"
+    log_file: str = ""
+    log_url: str = ""
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -53,6 +57,8 @@ class EngineConfig:
         if not (self.heartbeat_timeout >= 0 and math.isfinite(self.heartbeat_timeout)):
             raise ConfigError("heartbeat_timeout must be >= 0 (0 disables), not %r"
                               % self.heartbeat_timeout)
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError("log_level %r is not one of %s" % (self.log_level, ", ".join(LOG_LEVELS)))
         if not self.exec_key and not self.insecure:
             raise ConfigError("exec_key is empty: messages would be unsigned; "
                               "pass --insecure to run without signatures")

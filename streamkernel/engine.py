@@ -2,7 +2,7 @@
 
 Exit codes: 0 clean (shutdown_request, SIGTERM, SIGINT while idle), 1 bad
 configuration, 2 bad command line, 3 registration refused, 4 heartbeat lost,
-255 no registration reply in time.
+70 internal error, 255 no registration reply in time.
 """
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import zmq
 from tornado.ioloop import IOLoop, PeriodicCallback
 from zmq.eventloop.zmqstream import ZMQStream
 
 from . import __version__, protocol
-from .config import EngineConfig, disambiguate_url
+from .config import LOG_LEVELS, EngineConfig, disambiguate_url
 from .errors import ConfigError, MessageError
 from .heartbeat import Heartbeat
 from .kernel import Kernel
@@ -32,6 +32,7 @@ EXIT_CONFIG = 1
 EXIT_USAGE = 2
 EXIT_REFUSED = 3
 EXIT_HEARTBEAT = 4
+EXIT_INTERNAL = 70
 EXIT_TIMEOUT = 255
 
 _LINGER_MS = 1000
@@ -58,6 +59,7 @@ class Engine:
         self._streams: list[ZMQStream] = []
         self._watchdog: PeriodicCallback | None = None
         self._abort_handle: Any = None
+        self.on_registered: Callable[[], None] | None = None
         self.registrar = self._stream(zmq.DEALER, config.url)
 
     def _stream(self, kind: int, *urls: str) -> ZMQStream:
@@ -104,6 +106,8 @@ class Engine:
             self.exit(EXIT_REFUSED)
             return
         log.info("registered as engine %d with the hub at %s", self.id, self.config.url)
+        if self.on_registered is not None:
+            self.on_registered()
 
     def _connect(self, content: dict[str, Any]) -> None:
         self.id = int(content["id"])
@@ -170,42 +174,100 @@ class Engine:
         self.context.term()
 
 
+_LOG_FORMAT = "%(asctime)s streamkernel %(levelname)s %(message)s"
+
+
 def _parser() -> argparse.ArgumentParser:
+    d = EngineConfig  # defaults shown in --help are the config's
     p = argparse.ArgumentParser(
         prog="streamkernel",
         description="Python 3 engine for an IPython 0.11 controller: registers with the hub "
-                    "named in the connection file and runs what clients send it.")
+                    "named in the connection file and runs what clients send it. Options "
+                    "may also be keys of the connection file; the command line wins.",
+        epilog="exit status: 0 clean, 1 bad configuration, 2 bad command line, 3 registration "
+               "refused, 4 heartbeat lost, 70 internal error, 255 registration timed out")
     p.add_argument("--config", "--file", dest="config", metavar="PATH", required=True,
                    help="connection file written by the controller (ipcontroller-engine.json)")
-    p.add_argument("--log-level", default="INFO", type=str.upper,
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
-                   help="logging level (default: %(default)s)")
+    p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=None,
+                   help="logging level (default: %s)" % d.log_level)
+    p.add_argument("--log-file", metavar="PATH", default=None,
+                   help="append the log to this file instead of stderr (default: stderr)")
+    p.add_argument("--log-url", metavar="URL", default=None,
+                   help="also publish log records over ZeroMQ PUB to this address, with topics "
+                        "engine.<id>.<LEVEL>, as 0.11 engines did (default: off)")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                   help="seconds to wait for the registration reply (default: 2)")
+                   help="seconds to wait for the registration reply (default: %s)" % d.timeout)
     p.add_argument("--heartbeat-timeout", type=float, default=None, metavar="SECONDS",
-                   help="exit when the hub's heartbeat stops this long; 0 never (default: 10)")
-    p.add_argument("--insecure", action="store_true", default=None,
-                   help="allow an empty exec_key (unsigned messages)")
+                   help="exit when the hub's heartbeat stops this long; 0 never (default: %s)"
+                        % d.heartbeat_timeout)
+    p.add_argument("--insecure", action="store_const", const=True, default=None,
+                   help="allow an empty exec_key: messages go unsigned (default: refuse)")
     p.add_argument("--version", action="version", version="%(prog)s " + __version__)
     return p
+
+
+def _setup_logging(config: EngineConfig, context: zmq.Context) -> Any:
+    """Configure the root logger from the config; returns the PUB handler, if any."""
+    root = logging.getLogger()
+    root.setLevel(config.log_level)
+    if config.log_file:
+        try:
+            handler: logging.Handler = logging.FileHandler(config.log_file)
+        except OSError as e:
+            raise ConfigError("cannot open log file %s: %s" % (config.log_file, e.strerror)) from e
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    root.addHandler(handler)
+    if not config.log_url:
+        return None
+    from zmq.log.handlers import PUBHandler
+
+    sock = context.socket(zmq.PUB)
+    sock.linger = _LINGER_MS
+    try:
+        sock.connect(config.log_url)
+    except zmq.ZMQError as e:
+        sock.close()
+        raise ConfigError("cannot connect log_url %s: %s" % (config.log_url, e)) from e
+    class EnginePUBHandler(PUBHandler):
+        def emit(self, record: logging.LogRecord) -> None:
+            self.socket.getsockopt(zmq.EVENTS)  # take in new subscribers before sending
+            super().emit(record)
+
+    pub = EnginePUBHandler(sock)
+    pub.root_topic = "engine"
+    pub.setLevel(config.log_level)
+    root.addHandler(pub)
+    return pub
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run an engine from the command line; returns the exit status."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s streamkernel %(levelname)s %(message)s")
     try:
-        config = EngineConfig.from_file(args.config, timeout=args.timeout,
-                                        heartbeat_timeout=args.heartbeat_timeout,
-                                        insecure=args.insecure)
+        config = EngineConfig.from_file(
+            args.config, timeout=args.timeout, heartbeat_timeout=args.heartbeat_timeout,
+            insecure=args.insecure, log_level=args.log_level, log_file=args.log_file,
+            log_url=args.log_url)
+        context = zmq.Context()
+        pub_handler = _setup_logging(config, context)
     except ConfigError as e:
         print("streamkernel: %s" % e, file=sys.stderr)
         return EXIT_CONFIG
+    try:
+        return _run(config, context, pub_handler)
+    except Exception as e:  # one line for operators; the traceback at DEBUG
+        log.debug("internal error", exc_info=True)
+        print("streamkernel: internal error: %s: %s" % (type(e).__name__, e), file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _run(config: EngineConfig, context: zmq.Context, pub_handler: Any) -> int:
     if config.insecure and not config.exec_key:
         log.warning("running without an exec_key: messages are neither signed nor checked")
     loop = IOLoop.current()
-    engine = Engine(config, loop=loop)
+    engine = Engine(config, loop=loop, context=context)
 
     def on_signal(signum: int, frame: Any) -> None:
         log.info("got signal %d: exiting", signum)
@@ -219,8 +281,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine.exit(EXIT_OK)
         loop.add_callback_from_signal(loop.stop)
 
+    def on_registered() -> None:
+        if pub_handler is not None and engine.id is not None:
+            pub_handler.root_topic = "engine.%d" % engine.id
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_sigint)
+    engine.on_registered = on_registered
     engine.start()
     try:
         loop.start()
@@ -228,6 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("interrupted: exiting")
         engine.exit(EXIT_OK)
     finally:
+        if pub_handler is not None:
+            logging.getLogger().removeHandler(pub_handler)
+            pub_handler.socket.close(linger=_LINGER_MS)
         engine.close()
     code = EXIT_OK if engine.exit_code is None else engine.exit_code
     log.info("exiting with status %d", code)
@@ -235,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = ["Engine", "main", "main_exit", "EXIT_OK", "EXIT_CONFIG", "EXIT_USAGE", "EXIT_REFUSED",
-           "EXIT_HEARTBEAT", "EXIT_TIMEOUT"]
+           "EXIT_HEARTBEAT", "EXIT_INTERNAL", "EXIT_TIMEOUT"]
 
 
 def main_exit() -> None:

@@ -245,7 +245,7 @@ class Kernel:
         msg_type = msg["msg_type"]
         handler = handlers.get(msg_type)
         if handler is None:
-            self.log.warning("dropped message of unknown type %r", msg_type)
+            self.log.warning("dropped message of unknown type %r", msg_type[:100])
             return
         if log.isEnabledFor(logging.DEBUG):
             self.log.debug("%s %s from %r", msg_type, msg["msg_id"], idents)

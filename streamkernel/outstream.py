@@ -5,6 +5,7 @@ previous ones afterwards, so nothing outside a request is touched.
 """
 from __future__ import annotations
 
+import codecs
 import io
 import sys
 import threading
@@ -25,19 +26,29 @@ Publisher = Callable[[str, dict, bytes], None]
 
 
 class _BinaryWriter(io.RawIOBase):
-    """``sys.stdout.buffer``: bytes are decoded as UTF-8 (invalid bytes become U+FFFD)."""
+    """``sys.stdout.buffer``: bytes are decoded as UTF-8 (invalid bytes become U+FFFD);
+    a character split across writes is kept whole."""
 
     def __init__(self, text: OutStream) -> None:
         super().__init__()
         self._text = text
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
     def writable(self) -> bool:
         return True
 
     def write(self, b: Any) -> int:
         data = bytes(b)
-        self._text.write(data.decode("utf-8", "replace"))
+        text = self._decoder.decode(data)
+        if text:
+            self._text.write(text)
         return len(data)
+
+    def finish(self) -> None:
+        """Write out an incomplete character left by the last write (as U+FFFD)."""
+        text = self._decoder.decode(b"", final=True)
+        if text:
+            self._text.write(text)
 
 
 class OutStream(io.TextIOBase):
@@ -62,7 +73,7 @@ class OutStream(io.TextIOBase):
         self._dropped = 0
         self._start = 0.0
         self._wake_pending = False
-        self.buffer = io.BufferedWriter(_BinaryWriter(self))  # type: ignore[misc]
+        self.buffer = _BinaryWriter(self)
 
     @property
     def encoding(self) -> str:  # type: ignore[override]
@@ -163,6 +174,7 @@ def redirect(stdout: OutStream, stderr: OutStream, displayhook: DisplayHook
         sys.stdout, sys.stderr, sys.displayhook = saved
         for stream in (stdout, stderr):
             try:
+                stream.buffer.finish()
                 stream.flush()
             except Exception:
                 pass

@@ -107,18 +107,40 @@ def pack(obj: Any) -> bytes:
     return _encoder.encode(obj).encode("ascii")
 
 
-def extract_dates(obj: Any) -> Any:
-    """Turn every string matching :data:`DATE_PATTERN` into a datetime, recursively."""
-    if isinstance(obj, dict):
-        return {k: extract_dates(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [extract_dates(v) for v in obj]
-    if isinstance(obj, str) and DATE_PATTERN.match(obj):
+def _parse_date(value: str) -> Any:
+    if DATE_PATTERN.match(value):
         try:
-            return datetime.strptime(obj, DATE_FORMAT)
+            return datetime.strptime(value, DATE_FORMAT)
         except ValueError:
-            return obj
-    return obj
+            pass
+    return value
+
+
+def extract_dates(obj: Any) -> Any:
+    """Turn every string matching :data:`DATE_PATTERN` into a datetime, at any depth.
+
+    Containers are copied, never changed in place.
+    """
+    if isinstance(obj, str):
+        return _parse_date(obj)
+    if not isinstance(obj, (dict, list)):
+        return obj
+    root = dict(obj) if isinstance(obj, dict) else list(obj)
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        keys = node.keys() if isinstance(node, dict) else range(len(node))
+        for k in keys:
+            v = node[k]
+            if isinstance(v, str):
+                node[k] = _parse_date(v)
+            elif isinstance(v, dict):
+                node[k] = dict(v)
+                stack.append(node[k])
+            elif isinstance(v, list):
+                node[k] = list(v)
+                stack.append(node[k])
+    return root
 
 
 _decode = json.JSONDecoder().decode

@@ -4,8 +4,8 @@ An apply request travels as buffers::
 
     [pickle(f), pickle(args), pickle(kwargs), data, ...]
 
-Pickles use protocol 5. Large buffers (numpy arrays, bytearrays, and top-level
-``bytes``/``memoryview`` arguments of at least ``threshold`` bytes) leave the
+Pickles use protocol 5. Large buffers (numpy arrays, and top-level
+``bytes``/``bytearray``/``memoryview`` arguments of at least ``threshold`` bytes) leave the
 pickle as out-of-band data frames, so they are sent and received without copies.
 Objects the standard pickler cannot handle by reference (lambdas, functions and
 classes defined in ``__main__``) are pickled by value with dill. Functions from
@@ -55,7 +55,7 @@ def _as_memoryview(buf: Any) -> memoryview:
 
 
 class _OutOfBand:
-    """Marks a top-level bytes or memoryview argument to travel as its own frame."""
+    """Marks a top-level bytes, bytearray or memoryview argument to travel as its own frame."""
 
     __slots__ = ("data",)
 
@@ -63,12 +63,15 @@ class _OutOfBand:
         self.data = data
 
     def __reduce__(self) -> Any:
-        rebuild = _as_bytes if isinstance(self.data, bytes) else _as_memoryview
+        rebuild = _REBUILD.get(type(self.data), _as_memoryview)
         return rebuild, (pickle.PickleBuffer(self.data),)
 
 
+_REBUILD: dict[type, Callable[[Any], Any]] = {bytes: _as_bytes, bytearray: bytearray}
+
+
 def _mark(obj: Any, threshold: int) -> Any:
-    if isinstance(obj, (bytes, memoryview)) and len(obj) >= threshold:
+    if isinstance(obj, (bytes, bytearray, memoryview)) and len(obj) >= threshold:
         if isinstance(obj, memoryview) and not obj.contiguous:
             return obj.tobytes()
         return _OutOfBand(obj)
@@ -148,8 +151,10 @@ def is_legacy_payload(first: Any) -> bool:
 def serialize_object(obj: Any, threshold: int = COPY_THRESHOLD) -> list[Any]:
     """Serialize ``obj`` into ``[pickle, data buffers...]``."""
     buffers: list[Any] = []
-    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
-        obj = type(obj)(_mark(o, threshold) for o in obj)
+    if type(obj) in (list, tuple):
+        marked = [_mark(o, threshold) for o in obj]
+        if any(m is not o for m, o in zip(marked, obj)):  # else keep it (and its self-references)
+            obj = type(obj)(marked)
     else:
         obj = _mark(obj, threshold)
     head = _dumps(obj, buffers, threshold)

@@ -224,6 +224,8 @@ class Session:
             body = protocol.unpack(content_b) if content else content_b
         except (ValueError, UnicodeDecodeError) as e:
             raise MalformedMessage("frames are not JSON: %s" % e) from None
+        except RecursionError:
+            raise MalformedMessage("JSON nested too deeply") from None
         if not isinstance(header, dict) or not isinstance(parent, dict) or (
                 content and not isinstance(body, dict)):
             raise MalformedMessage("header, parent_header and content must be JSON objects")

@@ -156,3 +156,40 @@ def test_sigint_interrupts_running_code_and_exits_when_idle(hub, tmp_path, procs
     os.kill(proc.pid, signal.SIGINT)
     assert proc.wait(10) == 0
     assert "interrupted while idle" in proc.stderr.read().decode()
+
+
+def test_log_file_and_log_url(hub, tmp_path, procs, socket):
+    import zmq
+    sub = socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    port = sub.bind_to_random_port("tcp://127.0.0.1")
+    log_file = tmp_path / "engine.log"
+    proc = run_engine(hub.write_connection_file(tmp_path / "engine.json", log_level="DEBUG"),
+                      "--log-level", "INFO", "--log-file", str(log_file),
+                      "--log-url", "tcp://127.0.0.1:%d" % port)
+    procs.append(proc)
+    eid = hub.register()
+    hub.wait_beating(eid)
+    for _ in range(3):  # a SUB takes in its publishers only when it is used
+        sub.poll(100)
+    hub.send(eid, "shutdown_request", {}, via="control")
+    assert proc.wait(10) == 0
+    records = []
+    while sub.poll(500):
+        topic, text = sub.recv_multipart()
+        records.append((topic, text.decode()))
+    assert any(t == b"engine.0.INFO" and "shutdown requested" in m for t, m in records), records
+    content = log_file.read_text()
+    assert "registered as engine 0" in content and "exiting with status 0" in content
+    assert "DEBUG" not in content  # --log-level INFO wins over the file's DEBUG
+    assert proc.stderr.read() == b""
+
+
+def test_unwritable_log_file_is_a_config_error(tmp_path, procs):
+    config = tmp_path / "engine.json"
+    config.write_text('{"url": "tcp://127.0.0.1:1", "exec_key": "k"}')
+    proc = run_engine(config, "--log-file", str(tmp_path / "missing" / "x.log"))
+    procs.append(proc)
+    assert proc.wait(10) == 1
+    err = proc.stderr.read().decode()
+    assert err.startswith("streamkernel: cannot open log file") and err.count("\n") == 1
