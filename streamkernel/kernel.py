@@ -110,7 +110,7 @@ class Kernel:
         self._interrupt_reason: str | None = None
         self._thread_id: int | None = None
         self._watcher = ControlWatcher(self, shutdown_grace=shutdown_grace)
-        self._parent: dict[str, Any] = {}
+        self._parent: dict[str, Any] | bytes = {}
         self._iopub_socket = getattr(iopub_stream, "socket", iopub_stream)
         self.shell_handlers: dict[str, Handler] = {
             t: getattr(self, t) for t in protocol.SHELL_REQUESTS}
@@ -194,7 +194,8 @@ class Kernel:
         if getattr(stream, "socket", None) is not None and not stream.sending():
             stream = stream.socket
         return self.session.send(stream, protocol.reply_type(parent["msg_type"]), content,
-                                 parent=parent["header"], ident=idents, buffers=buffers,
+                                 parent=parent.get("raw_header") or parent["header"],
+                                 ident=idents, buffers=buffers,
                                  subheader=subheader)
 
     def _reply_aborted(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
@@ -227,8 +228,12 @@ class Kernel:
 
     def dispatch_queue(self, stream: Any, frames: list) -> None:
         """Handle one shell message, after serving every waiting control message."""
-        if self.control_stream is not None and not self.control_stream.closed():
-            self.control_stream.flush(zmq.POLLIN)
+        control = self.control_stream
+        if control is not None and not control.closed():
+            waiting = recv_frames(control.socket)
+            while waiting is not None:
+                self.dispatch_control(waiting)
+                waiting = recv_frames(control.socket) if not control.closed() else None
         unpacked = self._unpack(frames, "shell")
         if unpacked is None:
             return
@@ -375,7 +380,7 @@ class Kernel:
     def execute_request(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
         """Run a code string; an error answers everything waiting as aborted."""
         code = msg["content"].get("code")
-        self._parent = msg["header"]
+        self._parent = msg.get("raw_header") or msg["header"]
         if not isinstance(code, str):
             raise TypeError("execute_request content needs a string 'code'")
         self._publish(protocol.PYIN, {"code": code}, self._topic(protocol.PYIN))
@@ -397,7 +402,7 @@ class Kernel:
 
     def apply_request(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
         """Call a serialized function; the result travels in the reply's buffers."""
-        self._parent = msg["header"]
+        self._parent = msg.get("raw_header") or msg["header"]
         sub = {protocol.DEPENDENCIES_MET: True, protocol.ENGINE: self.ident,
                protocol.STARTED: protocol.now()}
         bufs = msg.pop("buffers")

@@ -63,7 +63,7 @@ class OutStream(io.TextIOBase):
         super().__init__()
         self.name = name
         self.topic = topic
-        self.parent: dict[str, Any] = {}
+        self.parent: dict[str, Any] | bytes = {}
         self._publish = publish
         self._wake = wake
         self._owner = threading.get_ident()

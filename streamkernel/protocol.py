@@ -6,9 +6,9 @@ their reply types, the header fields, the date format and the iopub topics.
 from __future__ import annotations
 
 import json
+import json.encoder as _json_encoder
 import os
 import re
-import uuid
 from datetime import datetime
 from typing import Any
 
@@ -61,8 +61,10 @@ def topic(int_id: int, kind: str) -> bytes:
 
 
 def new_id() -> str:
-    """Return a fresh message id (a uuid4 string)."""
-    return str(uuid.uuid4())
+    """Return a fresh message id (a random uuid4 string)."""
+    h = os.urandom(16).hex()
+    return "%s-%s-4%s-%x%s-%s" % (h[:8], h[8:12], h[13:16], 8 | (int(h[16], 16) & 3),
+                                   h[17:20], h[20:])
 
 
 def now() -> str:
@@ -99,12 +101,20 @@ def _date_default(obj: Any) -> str:
     raise TypeError("%r is not JSON serializable" % type(obj).__name__)
 
 
-_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, default=_date_default)
+if _json_encoder.c_make_encoder is not None:  # one C encoder, made once
+    _encode = _json_encoder.c_make_encoder(
+        None, _date_default, _json_encoder.encode_basestring_ascii, None, ":", ",",
+        False, False, True)
 
+    def pack(obj: Any) -> bytes:
+        """Pack a JSON-able object as compact ASCII JSON; datetimes use :data:`DATE_FORMAT`."""
+        return "".join(_encode(obj, 0)).encode("ascii")
+else:  # pragma: no cover - Pythons without the C accelerator
+    _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, default=_date_default)
 
-def pack(obj: Any) -> bytes:
-    """Pack a JSON-able object as compact ASCII JSON; datetimes use :data:`DATE_FORMAT`."""
-    return _encoder.encode(obj).encode("ascii")
+    def pack(obj: Any) -> bytes:
+        """Pack a JSON-able object as compact ASCII JSON; datetimes use :data:`DATE_FORMAT`."""
+        return _encoder.encode(obj).encode("ascii")
 
 
 def _parse_date(value: str) -> Any:

@@ -93,9 +93,12 @@ class Session:
         return protocol.msg_header(protocol.new_id(), msg_type, self.username, self.session)
 
     def msg(self, msg_type: str, content: dict[str, Any] | None = None,
-            parent: dict[str, Any] | None = None,
+            parent: dict[str, Any] | bytes | None = None,
             subheader: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Return a message dict; ``subheader`` keys are merged into the header."""
+        """Return a message dict; ``subheader`` keys are merged into the header.
+
+        ``parent`` is a message, a header, or a header already packed (bytes).
+        """
         header = self.msg_header(msg_type)
         if subheader:
             header.update(subheader)
@@ -103,7 +106,8 @@ class Session:
             "header": header,
             "msg_id": header["msg_id"],
             "msg_type": msg_type,
-            "parent_header": protocol.extract_header(parent),
+            "parent_header": parent if isinstance(parent, bytes) else protocol.extract_header(
+                parent),
             "content": {} if content is None else content,
         }
 
@@ -202,7 +206,8 @@ class Session:
         """Verify and unpack ``[signature, header, parent, content, buffers...]``.
 
         The signature is checked (and remembered) before anything is unpacked.
-        Buffers are returned as received (bytes, or zmq.Frame when ``copy=False``).
+        Buffers are returned as received (bytes, or zmq.Frame when ``copy=False``);
+        ``raw_header`` is the header as received, to echo as a reply's parent.
         Raises a MessageError subclass for anything that must be dropped.
         """
         if len(msg_list) < MIN_FRAMES:
@@ -247,6 +252,7 @@ class Session:
             "parent_header": parent,
             "content": body,
             "buffers": buffers,
+            "raw_header": header_b,
         }
 
     #: 0.11 names of :meth:`deserialize`
@@ -272,10 +278,14 @@ _raw_get = zmq.backend.Socket.get
 _SNDMORE = int(zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
 _NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
 def recv_frames(socket: zmq.Socket, copy: bool = False) -> list[Any] | None:
     """Receive one multipart message without waiting; None when nothing is queued."""
+    if not _raw_get(socket, _EVENTS) & _POLLIN:  # cheaper than a recv raising EAGAIN
+        return None
     try:
         frames = [_raw_recv(socket, _NOBLOCK, copy)]
     except zmq.Again:
