@@ -89,7 +89,7 @@ class Client:
 
     def _hub_request(self, msg_type: str, content: dict[str, Any]) -> dict[str, Any]:
         self.session.send(self._query, msg_type, content)
-        if not self._query.poll(self.timeout * 1000):
+        if not self._query.poll(int(self.timeout * 1000)):
             raise HubError("the hub did not answer %s within %.1f s" % (msg_type, self.timeout))
         _, msg = self.session.recv(self._query, mode=0)
         assert msg is not None
@@ -174,7 +174,7 @@ class Client:
     # -- collecting -----------------------------------------------------------------
 
     def _drain(self, timeout: float) -> None:
-        for sock, _ in self._poller.poll(timeout * 1000):
+        for sock, _ in self._poller.poll(int(timeout * 1000)):
             while True:
                 try:
                     idents, msg = self.session.recv(sock, zmq.NOBLOCK, copy=True)

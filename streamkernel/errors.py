@@ -85,7 +85,7 @@ def error_content(engine_info: dict[str, Any] | None = None,
                   exc_info: tuple[Any, Any, Any] | None = None) -> dict[str, Any]:
     """Return the reply content for the exception being handled (or ``exc_info``)."""
     etype, evalue, tb = exc_info or sys.exc_info()
-    if etype is None:
+    if etype is None or evalue is None:
         raise ValueError("error_content() called without an exception")
     return {
         protocol.STATUS: protocol.ERROR,

@@ -101,8 +101,9 @@ def _date_default(obj: Any) -> str:
     raise TypeError("%r is not JSON serializable" % type(obj).__name__)
 
 
-if _json_encoder.c_make_encoder is not None:  # one C encoder, made once
-    _encode = _json_encoder.c_make_encoder(
+_c_make_encoder = getattr(_json_encoder, "c_make_encoder", None)
+if _c_make_encoder is not None:  # one C encoder, made once
+    _encode = _c_make_encoder(
         None, _date_default, _json_encoder.encode_basestring_ascii, None, ":", ",",
         False, False, True)
 

@@ -164,7 +164,7 @@ class Session:
 
     def send(self, stream: Any, msg_or_type: dict[str, Any] | str,
              content: dict[str, Any] | bytes | None = None,
-             parent: dict[str, Any] | None = None,
+             parent: dict[str, Any] | bytes | None = None,
              ident: bytes | Sequence[bytes] | None = None,
              buffers: Sequence[Any] | None = None,
              subheader: dict[str, Any] | None = None, track: bool = False) -> dict[str, Any]:
@@ -284,7 +284,7 @@ _POLLIN = int(zmq.POLLIN)
 
 def recv_frames(socket: zmq.Socket, copy: bool = False) -> list[Any] | None:
     """Receive one multipart message without waiting; None when nothing is queued."""
-    if not _raw_get(socket, _EVENTS) & _POLLIN:  # cheaper than a recv raising EAGAIN
+    if not int(_raw_get(socket, _EVENTS)) & _POLLIN:  # cheaper than a recv raising EAGAIN
         return None
     try:
         frames = [_raw_recv(socket, _NOBLOCK, copy)]

@@ -1,8 +1,10 @@
 """StubHub: a minimal hub for one or more engines, for tests and benchmarks.
 
 It binds the sockets a controller binds (registration, MUX, task, control,
-iopub, heartbeat) on 127.0.0.1, writes a connection file, answers registration,
-pings from a thread, and sends requests as a client would.
+iopub, heartbeat) on 127.0.0.1 (or ``ip``), writes a connection file, answers
+registration, pings from a thread, and sends requests as a client would. With
+``curve=True`` every socket is a CURVE server; ``curve_clients`` then limits
+who may connect to those public keys (a ZAP authenticator on the context).
 """
 from __future__ import annotations
 
@@ -17,18 +19,28 @@ import zmq
 from . import protocol
 from .session import Session
 
-_HOST = "tcp://127.0.0.1"
-
 
 class StubHub:
     """A hub on 127.0.0.1 that registers engines and plays their client."""
 
     def __init__(self, key: bytes = b"stub-hub-key", *, heartbeat_period: float = 0.5,
                  context: zmq.Context | None = None, location: str = "127.0.0.1",
-                 ip: str = "127.0.0.1") -> None:
+                 ip: str = "127.0.0.1", curve: bool = False,
+                 curve_clients: Sequence[bytes | str] | None = None) -> None:
         self.key = key
         self.context = context or zmq.Context()
         self._own_context = context is None
+        self.ip = ip
+        self.curve_publickey = self.curve_secretkey = b""
+        self.auth: Any = None
+        if curve:
+            self.curve_publickey, self.curve_secretkey = zmq.curve_keypair()
+        if curve and curve_clients is not None:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self.auth = ThreadAuthenticator(self.context)
+            self.auth.start()
+            self.auth.configure_curve_callback("*", _AllowKeys(curve_clients))
         self.session = Session(key)
         self.client_id = self.session.bsession
         self.heartbeat_period = heartbeat_period
@@ -41,6 +53,7 @@ class StubHub:
             sock.linger = 0
             if name == "task":
                 sock.setsockopt(zmq.IDENTITY, b"task")
+            self._secure(sock)
             port = sock.bind_to_random_port("tcp://" + ip)
             self.urls[name] = "tcp://%s:%d" % (ip, port)
             self.sockets[name] = sock
@@ -59,8 +72,16 @@ class StubHub:
 
     def connection_info(self) -> dict[str, Any]:
         """The content of an ``ipcontroller-engine.json`` for this hub."""
-        return {"url": self.urls["registration"], "exec_key": self.key.decode(),
+        info = {"url": self.urls["registration"], "exec_key": self.key.decode(),
                 "ssh": "", "location": self.location}
+        if self.curve_publickey:
+            info["curve_serverkey"] = self.curve_publickey.decode("ascii")
+        return info
+
+    def _secure(self, sock: zmq.Socket) -> None:
+        if self.curve_secretkey:
+            sock.curve_server = True
+            sock.curve_secretkey = self.curve_secretkey
 
     def write_connection_file(self, path: str, **extra: Any) -> str:
         """Write the engine connection file (plus ``extra`` keys) to ``path``."""
@@ -75,10 +96,12 @@ class StubHub:
     def _heartbeat(self) -> None:
         ping = self.context.socket(zmq.PUB)
         pong = self.context.socket(zmq.ROUTER)
+        host = "tcp://" + self.ip
         for sock in (ping, pong):
             sock.linger = 0
-        self.urls["ping"] = "%s:%d" % (_HOST, ping.bind_to_random_port(_HOST))
-        self.urls["pong"] = "%s:%d" % (_HOST, pong.bind_to_random_port(_HOST))
+            self._secure(sock)
+        self.urls["ping"] = "%s:%d" % (host, ping.bind_to_random_port(host))
+        self.urls["pong"] = "%s:%d" % (host, pong.bind_to_random_port(host))
         self._hb_ready.set()
         try:
             next_ping = 0.0
@@ -100,7 +123,7 @@ class StubHub:
     def register(self, timeout: float = 10.0, *, refuse: bool = False) -> int:
         """Answer one registration_request; return the engine id given."""
         sock = self.sockets["registration"]
-        if not sock.poll(timeout * 1000):
+        if not sock.poll(int(timeout * 1000)):
             raise TimeoutError("no registration_request within %.1f s" % timeout)
         idents, msg = self.session.recv(sock, mode=0)
         assert msg is not None and idents is not None
@@ -109,7 +132,8 @@ class StubHub:
         self.last_registration = msg
         eid = len(self.engines)
         if refuse:
-            content = {"status": "error", "ename": "KeyError", "evalue": "queue_id in use"}
+            content: dict[str, Any] = {"status": "error", "ename": "KeyError",
+                                       "evalue": "queue_id in use"}
         else:
             content = {"status": "ok", "id": eid, "mux": self.urls["mux"],
                        "task": self.urls["task"], "control": self.urls["control"],
@@ -147,9 +171,9 @@ class StubHub:
              ) -> dict[str, Any]:
         """Receive one reply (or iopub message) and return the message dict."""
         sock = self.sockets[via]
-        if not sock.poll(timeout * 1000):
+        if not sock.poll(int(timeout * 1000)):
             raise TimeoutError("nothing on %s within %.1f s" % (via, timeout))
-        frames = sock.recv_multipart(copy=copy)
+        frames: list[Any] = sock.recv_multipart(copy=copy)  # type: ignore[call-overload]
         idents, rest = self.session.feed_identities(frames, copy=copy)
         msg = self.session.deserialize(rest, copy=copy)
         msg["idents"] = idents
@@ -161,6 +185,8 @@ class StubHub:
         self._hb_thread.join(5)
         for sock in self.sockets.values():
             sock.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
         if self._own_context:
             self.context.term()
 
@@ -169,6 +195,16 @@ class StubHub:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class _AllowKeys:
+    """ZAP credentials provider: only the listed CURVE public keys (Z85) get in."""
+
+    def __init__(self, keys: Sequence[bytes | str]) -> None:
+        self.keys = {k.encode("ascii") if isinstance(k, str) else k for k in keys}
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.keys
 
 
 __all__ = ["StubHub"]
