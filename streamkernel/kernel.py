@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Sequence
 
@@ -38,7 +39,8 @@ Handler = Callable[[Any, list, dict], None]
 
 #: File name of code run by execute_request.
 CODE_FILENAME = "<streamkernel>"
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE_DIR = os.path.dirname(os.path.normpath(os.path.abspath(__file__)))
+_AST_FILE = os.path.normpath(os.path.abspath(ast.__file__))
 _MAX_ABORTED = 100_000
 _MAX_MATCHES = 1000
 #: Shell messages served per loop wake-up at most (control is still served before each).
@@ -100,6 +102,8 @@ class Kernel:
         self.shutdown_delay = shutdown_delay
         self.on_stuck = on_stuck
         self.aborted: dict[str, None] = {}
+        #: control requests received while a request ran, served before the next one
+        self.deferred_control: deque[tuple[Any, list[bytes], dict[str, Any], dict]] = deque()
         self.shutting_down = False
         #: Held by the kernel's thread except while user code runs (see watcher.py).
         self.socket_lock = threading.Lock()
@@ -172,6 +176,7 @@ class Kernel:
                 self.dispatch_queue(stream, frames)
                 if stream.closed() or self.shutting_down:
                     return
+                self.serve_control()  # before taking the next one, which an abort may cover
                 next_frames = recv_frames(socket)
                 if next_frames is None:
                     return
@@ -226,14 +231,21 @@ class Kernel:
         idents, msg = unpacked
         self._handle(self.control_stream, idents, msg, self.control_handlers)
 
-    def dispatch_queue(self, stream: Any, frames: list) -> None:
-        """Handle one shell message, after serving every waiting control message."""
+    def serve_control(self) -> None:
+        """Handle every waiting control message: those put aside while a request ran
+        first, then those on the control socket."""
+        while self.deferred_control:
+            self._handle(*self.deferred_control.popleft())
         control = self.control_stream
         if control is not None and not control.closed():
             waiting = recv_frames(control.socket)
             while waiting is not None:
                 self.dispatch_control(waiting)
                 waiting = recv_frames(control.socket) if not control.closed() else None
+
+    def dispatch_queue(self, stream: Any, frames: list) -> None:
+        """Handle one shell message, after serving every waiting control message."""
+        self.serve_control()
         unpacked = self._unpack(frames, "shell")
         if unpacked is None:
             return
@@ -479,11 +491,18 @@ class Kernel:
     def _error(self, method: str) -> dict[str, Any]:
         """Publish pyerr for the exception being handled and return the reply content."""
         etype, evalue, tb = sys.exc_info()
-        while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        while tb is not None and _internal(tb.tb_frame.f_code.co_filename):
             tb = tb.tb_next
         content = error_content(self._engine_info(method), (etype, evalue, tb))
         self._publish(protocol.PYERR, content, self._topic(protocol.PYERR))
         return content
+
+
+@functools.lru_cache(maxsize=64)
+def _internal(filename: str) -> bool:
+    """True for frames of this package and of the compiler (not the user's)."""
+    path = os.path.normpath(os.path.abspath(filename))
+    return path.startswith(_PACKAGE_DIR + os.sep) or path == _AST_FILE
 
 
 @functools.lru_cache(maxsize=256)

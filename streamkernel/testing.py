@@ -148,6 +148,7 @@ class StubHub:
         ident = self.engines[eid].encode()
         deadline = time.monotonic() + timeout
         while not self.echoes.get(ident):
+            self.sockets["iopub"].getsockopt(zmq.EVENTS)  # a SUB takes in publishers when used
             if time.monotonic() > deadline:
                 raise TimeoutError("engine %d never echoed a heartbeat" % eid)
             time.sleep(0.01)

@@ -77,9 +77,9 @@ class ControlWatcher(threading.Thread):
                 self._abort(stream, idents, msg)
             elif msg_type == protocol.SHUTDOWN_REQUEST:
                 self._shutdown(stream, idents, msg)
-            else:  # needs the kernel's thread: served when the running request ends
-                kernel.loop.add_callback(kernel._handle, stream, idents, msg,
-                                         kernel.control_handlers)
+            else:  # needs the kernel's thread: served before the next shell request
+                kernel.deferred_control.append((stream, idents, msg, kernel.control_handlers))
+                kernel.loop.add_callback(kernel.serve_control)
 
     def _abort(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
         kernel = self.kernel

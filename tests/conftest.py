@@ -64,3 +64,15 @@ def make_harness() -> Iterator[Callable[..., KernelHarness]]:
 @pytest.fixture
 def capture() -> Callable[[str], dict]:
     return load_capture
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """One line of replay totals when tests/test_replay.py ran."""
+    import sys
+    replays = sys.modules.get("tests.test_replay")
+    stats = getattr(replays, "STATS", None)
+    if stats and stats["captures"]:
+        terminalreporter.write_line(
+            "capture replays: %d captures replayed, %d messages compared, "
+            "%d registration requests compared" % (stats["captures"], stats["compared"],
+                                                   stats["registrations"]))

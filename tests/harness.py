@@ -1,5 +1,9 @@
 """A Kernel on real 127.0.0.1 sockets, run on its own IOLoop thread, and a hub-side
-peer that sends requests and collects replies and iopub output."""
+peer that sends requests and collects replies and iopub output.
+
+The harness is also a replay target (:func:`streamkernel.replay.replay`): ``feed``
+and ``collect`` speak in messages as the engine sees them, and ``gate`` can hold the
+kernel thread when it first sends something about a given request."""
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +19,9 @@ from tornado.ioloop import IOLoop
 from zmq.eventloop.zmqstream import ZMQStream
 
 from streamkernel import protocol
+from streamkernel.capture import Message
 from streamkernel.kernel import Kernel
+from streamkernel.replay import GatedSession, ReplyGate
 from streamkernel.session import Session
 
 CAPTURES = os.path.join(os.path.dirname(__file__), "captures")
@@ -61,6 +67,7 @@ class KernelHarness:
         self.hub["iopub"].setsockopt(zmq.SUBSCRIBE, b"")
         self.kernel: Kernel | None = None
         self.loop: IOLoop | None = None
+        self.gate = ReplyGate()
         self.shutdown_called = threading.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -87,7 +94,8 @@ class KernelHarness:
         iopub = self.context.socket(zmq.PUB)
         iopub.connect(self.urls["iopub"])
         self.streams = [ZMQStream(s, self.loop) for s in (shell, control, iopub)]
-        session = Session(self.key, session=self.engine_id, parse_dates=False)
+        session = GatedSession(self.key, session=self.engine_id, parse_dates=False,
+                               gate=self.gate)
         kwargs = dict(session=session, control_stream=self.streams[1],
                       shell_streams=[self.streams[0]], iopub_stream=self.streams[2],
                       loop=self.loop, int_id=self.int_id, ident=self.engine_id,
@@ -171,6 +179,34 @@ class KernelHarness:
         """True when nothing arrives on ``kind`` within ``wait`` seconds."""
         return not self.hub[kind].poll(wait * 1000)
 
+    # -- replay target ----------------------------------------------------------------
+
+    def feed(self, message: Message) -> None:
+        """Deliver a recorded incoming message: the engine receives exactly its frames."""
+        kind = message.stream
+        if kind != "control":
+            kind = next((k for k in ("mux", "task") if self.peers[k] == message.idents[0]),
+                        "mux")
+        self.send_frames(kind, message.frames[1:])
+
+    def collect(self, timeout: float) -> list[Message]:
+        """Messages the engine sent within ``timeout`` s, with the frames it sent."""
+        poller = zmq.Poller()
+        for kind in ("mux", "task", "control", "iopub"):
+            poller.register(self.hub[kind], zmq.POLLIN)
+        out = []
+        for sock, _ in poller.poll(int(timeout * 1000)):
+            kind = next(k for k, s in self.hub.items() if s is sock)
+            while sock.poll(0):
+                frames = sock.recv_multipart()
+                if kind == "iopub":
+                    out.append(Message("iopub", "out", frames, time.time()))
+                else:
+                    assert frames[0] == self.engine_id.encode(), frames[0]
+                    out.append(Message("control" if kind == "control" else "shell", "out",
+                                       [self.peers[kind]] + frames[1:], time.time()))
+        return out
+
     def call(self, fn: Any, *args: Any) -> Any:
         """Run ``fn(*args)`` on the kernel's thread and return its result."""
         box: list[Any] = []
@@ -188,6 +224,7 @@ class KernelHarness:
 
     def close(self) -> None:
         """Stop the kernel thread and close every socket."""
+        self.gate.release_all()
         if self.loop is not None:
             self.loop.add_callback(self.loop.stop)
         self._thread.join(TIMEOUT)
