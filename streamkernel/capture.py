@@ -934,10 +934,26 @@ def compare(capture: Capture, ours: Sequence[Message], *, our_ident: str | None 
     report.differences += [Difference("replay", "-", "problem", None, p) for p in problems]
     got = {s: [normalise(m, ident, key) for m in ours if m.stream == s and m.dir == "out"]
            for s in STREAMS}
+    _unflushed_output(want, got, report)
     for stream in streams:
         _compare_stream(stream, want[stream], got[stream], report)
     _check_timing(want, got, report)
     return report
+
+
+def _unflushed_output(want: dict[str, list[Norm]], got: dict[str, list[Norm]],
+                      report: Report) -> None:
+    """flush-before-reply: output of a request the recorded engine never published
+    (it held output until a later flush) is expected from ours, before the reply."""
+    published = {n.parent_id for n in want["iopub"] if n.msg_type == "stream"}
+    keep = []
+    for n in got["iopub"]:
+        if n.msg_type == "stream" and n.parent_id not in published:
+            report.applied.append(Applied("flush-before-reply", "iopub " + n.label(),
+                                          "not published by the recorded engine"))
+        else:
+            keep.append(n)
+    got["iopub"] = keep
 
 
 def _compare_stream(stream: str, want: list[Norm], got: list[Norm], report: Report) -> None:

@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import json
 import math
+import socket
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
 
 SIGNATURE_SCHEMES = ("hmac-md5", "hmac-sha256")
+_Z85 = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                 ".-:+=^!/*?&<>()[]{}@%$#")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -33,11 +37,16 @@ class EngineConfig:
     log_level: str = "INFO"
     log_file: str = ""
     log_url: str = ""
+    sshkey: str = ""
+    ssh_command: str = "ssh"
+    curve_serverkey: str = ""
+    curve_publickey: str = ""
+    curve_secretkey: str = ""
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            expected = {"str": str, "float": (int, float), "bool": bool}[str(field.type)]
+            expected: Any = {"str": str, "float": (int, float), "bool": bool}[str(field.type)]
             if isinstance(value, bool) and expected != bool:
                 expected_ok = False
             else:
@@ -62,6 +71,34 @@ class EngineConfig:
         if not self.exec_key and not self.insecure:
             raise ConfigError("exec_key is empty: messages would be unsigned; "
                               "pass --insecure to run without signatures")
+        self._check_remote()
+
+    def _check_remote(self) -> None:
+        """Check the ssh and CURVE settings (the secret key is never echoed)."""
+        if any(c.isspace() for c in self.ssh):
+            raise ConfigError("ssh %r must be [user@]host[:port]" % self.ssh)
+        if not self.ssh_command.strip():
+            raise ConfigError("ssh_command is empty: it must name the ssh client, e.g. 'ssh'")
+        keys = ("curve_serverkey", "curve_publickey", "curve_secretkey")
+        for name in keys:
+            value = getattr(self, name)
+            if value and (len(value) != 40 or not set(value) <= _Z85):
+                raise ConfigError("%s must be a Z85-encoded CURVE key of 40 characters" % name)
+        if not self.curve_serverkey:
+            if self.curve_publickey or self.curve_secretkey:
+                raise ConfigError("curve_publickey/curve_secretkey need curve_serverkey "
+                                  "(the hub's public key)")
+            return
+        if self.curve_publickey and not self.curve_secretkey:
+            raise ConfigError("curve_publickey needs curve_secretkey")
+        import zmq  # only for CURVE settings; the rest of this module is stdlib only
+
+        if not zmq.has("curve"):
+            raise ConfigError("curve_serverkey is set but libzmq %s has no CURVE support"
+                              % zmq.zmq_version())
+        if self.curve_publickey and zmq.curve_public(self.curve_secretkey.encode(
+                "ascii")) != self.curve_publickey.encode("ascii"):
+            raise ConfigError("curve_publickey is not the public key of curve_secretkey")
 
     @property
     def key(self) -> bytes:
@@ -112,30 +149,64 @@ class EngineConfig:
 __all__ = ["EngineConfig", "SIGNATURE_SCHEMES"]
 
 
+_WILDCARDS = ("*", "0.0.0.0", "[::]")
+
+
 def disambiguate_url(url: str, location: str | None = None) -> str:
-    """Make a hub address connectable: ``*`` and ``0.0.0.0`` become ``location``,
-    or loopback when the hub runs on this host (or ``location`` is unknown)."""
+    """Make a hub address connectable, as 0.11's ``disambiguate_url`` did.
+
+    A host that means "all interfaces" (``*``, ``0.0.0.0``) becomes ``location``,
+    the controller's address, or loopback when ``location`` is empty or names
+    this host (:func:`is_local_address`). Other addresses and non-TCP URLs are
+    returned unchanged.
+    """
     proto, sep, rest = url.partition("://")
     host, colon, port = rest.rpartition(":")
     if not sep or not colon or proto != "tcp":
         return url
-    if host in ("*", "0.0.0.0"):
+    if host in _WILDCARDS:
         host = _connectable_host(location)
     return "%s://%s:%s" % (proto, host, port)
 
 
-def _connectable_host(location: str | None) -> str:
-    import socket
+def is_local_address(host: str) -> bool:
+    """Whether ``host`` is this machine, as seen from this network namespace.
 
-    if not location:
-        return "127.0.0.1"
+    True for ``localhost``, this host's name, loopback and wildcard addresses,
+    and any IP address assigned to one of this host's interfaces (a UDP socket
+    can bind to it). Other names are not looked up.
+    """
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        return False
+    if host.lower() == "localhost" or host == socket.gethostname():
+        return True
     try:
-        local_ips = socket.gethostbyname_ex(socket.gethostname())[2]
-    except (OSError, IndexError):
-        local_ips = []
-    if not local_ips or location in local_ips or location.startswith("127."):
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_unspecified or _bindable(host)
+
+
+def _bindable(host: str) -> bool:
+    """Whether a UDP socket can bind to ``host``: it is assigned to an interface here."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((host, 0))
+    except OSError:
+        return False
+    return True
+
+
+def _connectable_host(location: str | None) -> str:
+    if not location or is_local_address(location):
         return "127.0.0.1"
+    if ":" in location and not location.startswith("["):
+        return "[%s]" % location  # an IPv6 address in a URL
     return location
 
 
-__all__ += ["disambiguate_url"]
+__all__ += ["disambiguate_url", "is_local_address"]

@@ -7,6 +7,7 @@ configuration, 2 bad command line, 3 registration refused, 4 heartbeat lost,
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
@@ -19,11 +20,12 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 from zmq.eventloop.zmqstream import ZMQStream
 
 from . import __version__, protocol
-from .config import LOG_LEVELS, EngineConfig, disambiguate_url
+from .config import LOG_LEVELS, EngineConfig, disambiguate_url, is_local_address
 from .errors import ConfigError, MessageError
 from .heartbeat import Heartbeat
 from .kernel import Kernel
 from .session import Session
+from .tunnel import TunnelError, Tunnels
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,11 @@ _LINGER_MS = 1000
 
 class Engine:
     """Registers with the hub at ``config.url`` and runs a Kernel on the sockets it names."""
+
+    _tunnels: Tunnels | None = None
+    _tunnel_watch: PeriodicCallback | None = None
+    _curve: tuple[bytes, bytes, bytes] | None = None
+    _warned_loopback = False
 
     def __init__(self, config: EngineConfig, *, context: zmq.Context | None = None,
                  loop: IOLoop | None = None, user_ns: dict[str, Any] | None = None,
@@ -67,8 +74,17 @@ class Engine:
         sock.linger = _LINGER_MS
         if kind != zmq.PUB:
             sock.setsockopt(zmq.IDENTITY, self.ident.encode("ascii"))
-        for url in urls:
-            sock.connect(disambiguate_url(url, self.config.location))
+        self._secure(sock)
+        try:
+            targets = self._hub_urls(urls)
+        except TunnelError as e:  # only before registration: _connect forwards first
+            log.error("cannot reach the hub through ssh: %s", e)
+            self.loop.add_callback(self.exit, EXIT_TIMEOUT)
+            targets = []
+        for url in targets:
+            if "[" in url:
+                sock.ipv6 = True
+            sock.connect(url)
         stream = ZMQStream(sock, self.loop)
         self._streams.append(stream)
         return stream
@@ -112,18 +128,24 @@ class Engine:
     def _connect(self, content: dict[str, Any]) -> None:
         self.id = int(content["id"])
         shell_urls = [str(content["mux"])] + ([str(content["task"])] if content.get("task") else [])
+        hub_urls = shell_urls + [str(content[k]) for k in ("control", "iopub")]
+        hub_urls += [str(u) for u in content["heartbeat"]]
+        try:
+            self._hub_urls(hub_urls)  # one ssh process for all of them, when tunnelling
+        except TunnelError as e:
+            raise ValueError("cannot open ssh tunnels to the hub's sockets: %s" % e) from e
         shell = self._stream(zmq.ROUTER, *shell_urls)
         control = self._stream(zmq.ROUTER, str(content["control"]))
         iopub = self._stream(zmq.PUB, str(content["iopub"]))
-        ping_url, pong_url = [disambiguate_url(str(u), self.config.location)
-                              for u in content["heartbeat"]]
+        ping_url, pong_url = self._hub_urls([str(u) for u in content["heartbeat"]])
         self.kernel = Kernel(session=self.session, control_stream=control, shell_streams=[shell],
                              iopub_stream=iopub, loop=self.loop, int_id=self.id,
                              ident=self.ident, user_ns=self.user_ns, exec_lines=self.exec_lines,
                              on_shutdown=lambda: self.exit(EXIT_OK), on_stuck=self._exit_now)
         self.kernel.interrupt_by_signal = True
         self.kernel.start()
-        self.heart = Heartbeat(self.context, ping_url, pong_url, self.ident.encode("ascii"))
+        self.heart = Heartbeat(self.context, ping_url, pong_url, self.ident.encode("ascii"),
+                               configure=self._secure)
         self.heart.start()
         if self.config.heartbeat_timeout > 0:
             period = min(1.0, self.config.heartbeat_timeout / 4)
@@ -167,11 +189,68 @@ class Engine:
             self.kernel.stop()
         if self.heart is not None:
             self.heart.stop()
+        if self._tunnel_watch is not None:
+            self._tunnel_watch.stop()
         for stream in self._streams:
             if not stream.closed():
                 stream.flush(zmq.POLLOUT)
                 stream.close(linger=_LINGER_MS)
         self.context.term()
+        if self._tunnels is not None:  # after term: the last messages have left through them
+            self._tunnels.close()
+
+    def _hub_urls(self, urls: Sequence[str]) -> list[str]:
+        """Where to connect for the hub's ``urls``: disambiguated, then through ssh if set.
+
+        Raises :class:`TunnelError` when ssh cannot open the forwards.
+        """
+        resolved = [disambiguate_url(u, self.config.location) for u in urls]
+        if self.config.ssh and not is_local_address(self.config.location):
+            if self._tunnels is None:
+                self._tunnels = Tunnels(self.config.ssh, ssh_command=self.config.ssh_command,
+                                        keyfile=self.config.sshkey)
+                self._tunnel_watch = PeriodicCallback(self._check_tunnels, 500)
+                self._tunnel_watch.start()
+            return self._tunnels.forward(resolved)
+        if (not self._warned_loopback and self.config.location
+                and not is_local_address(self.config.location)
+                and any(_is_loopback_url(u) for u in resolved)):
+            self._warned_loopback = True
+            log.warning("the hub listens on this host's loopback but runs on %s: set 'ssh' in "
+                        "the connection file or make the hub listen on an external address",
+                        self.config.location)
+        return resolved
+
+    def _check_tunnels(self) -> None:
+        failure = self._tunnels.failed() if self._tunnels is not None else None
+        if failure and self.exit_code is None:
+            log.error("lost the hub: %s", failure)
+            self.exit(EXIT_TIMEOUT if self.id is None else EXIT_HEARTBEAT)
+
+    def _secure(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` a CURVE client of the hub when ``curve_serverkey`` is set."""
+        if not self.config.curve_serverkey:
+            return
+        if self._curve is None:
+            secret = self.config.curve_secretkey.encode("ascii")
+            if secret:
+                public = zmq.curve_public(secret)
+            else:
+                public, secret = zmq.curve_keypair()  # ephemeral: the hub allows any key
+            self._curve = (self.config.curve_serverkey.encode("ascii"), public, secret)
+            log.info("CURVE encryption on; this engine's public key is %s", public.decode())
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self._curve
+
+
+def _is_loopback_url(url: str) -> bool:
+    proto, _, rest = url.partition("://")
+    host = rest.rpartition(":")[0].strip("[]")
+    if proto != "tcp":
+        return False
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 _LOG_FORMAT = "%(asctime)s streamkernel %(levelname)s %(message)s"
