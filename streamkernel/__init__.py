@@ -14,6 +14,6 @@ from .session import Session
 __all__ = [
     "__version__", "EngineConfig", "disambiguate_url", "Kernel", "Session",
     "StreamKernelError", "MessageError", "SerializationError", "ConfigError",
-    "UnmetDependency", "interactive", "pack_apply_message", "unpack_apply_message", "serialize_object",
-    "unserialize_object",
+    "UnmetDependency", "interactive", "pack_apply_message", "unpack_apply_message",
+    "serialize_object", "unserialize_object",
 ]

@@ -733,8 +733,8 @@ def _legacy_kernel_frame(entry: Any, method: str | None) -> bool:
 def _true_division(code: Any) -> bool:
     """True when ``code`` divides with ``/`` and has no ``//`` or ``%``."""
     try:
-        ops = {type(n.op) for n in ast.walk(ast.parse(code)) if isinstance(n, (ast.BinOp,
-                                                                             ast.AugAssign))}
+        ops = {type(n.op) for n in ast.walk(ast.parse(code))
+               if isinstance(n, (ast.BinOp, ast.AugAssign))}
     except (SyntaxError, ValueError, TypeError):
         return False
     return ast.Div in ops and not ops & {ast.FloorDiv, ast.Mod}

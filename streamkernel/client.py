@@ -94,8 +94,9 @@ class Client:
         _, msg = self.session.recv(self._query, mode=0)
         assert msg is not None
         if msg["content"].get(protocol.STATUS) != protocol.OK:
-            raise HubError("%s failed: %s: %s" % (msg_type, msg["content"].get("ename"),
-                                                   msg["content"].get("evalue")))
+            content = msg["content"]
+            raise HubError("%s failed: %s: %s" % (msg_type, content.get("ename"),
+                                                  content.get("evalue")))
         return msg
 
     def refresh_engines(self) -> dict[int, str]:

@@ -67,7 +67,8 @@ class EngineConfig:
             raise ConfigError("heartbeat_timeout must be >= 0 (0 disables), not %r"
                               % self.heartbeat_timeout)
         if self.log_level not in LOG_LEVELS:
-            raise ConfigError("log_level %r is not one of %s" % (self.log_level, ", ".join(LOG_LEVELS)))
+            raise ConfigError("log_level %r is not one of %s"
+                              % (self.log_level, ", ".join(LOG_LEVELS)))
         if not self.exec_key and not self.insecure:
             raise ConfigError("exec_key is empty: messages would be unsigned; "
                               "pass --insecure to run without signatures")

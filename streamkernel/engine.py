@@ -309,6 +309,7 @@ def _setup_logging(config: EngineConfig, context: zmq.Context) -> Any:
     except zmq.ZMQError as e:
         sock.close()
         raise ConfigError("cannot connect log_url %s: %s" % (config.log_url, e)) from e
+
     class EnginePUBHandler(PUBHandler):
         def emit(self, record: logging.LogRecord) -> None:
             self.socket.getsockopt(zmq.EVENTS)  # take in new subscribers before sending

@@ -46,7 +46,7 @@ class RegistrationError(StreamKernelError):
 
 
 class UnmetDependency(StreamKernelError):
-    """Raised by a task whose dependencies are not met; the reply says ``dependencies_met: false``."""
+    """Raised by a task whose dependencies are not met (the reply says dependencies_met false)."""
 
 
 class ImpossibleDependency(UnmetDependency):

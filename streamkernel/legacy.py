@@ -356,8 +356,9 @@ class _Unpickler(pickle.Unpickler):
         if stand_in is not None:
             return stand_in()
         obj = _resolve(module, name)
-        if obj in _CONSTRUCTORS or (isinstance(obj, type) and issubclass(obj, BaseException)
-                                  and obj.__module__ == "builtins"):
+        builtin_error = (isinstance(obj, type) and issubclass(obj, BaseException)
+                         and obj.__module__ == "builtins")
+        if obj in _CONSTRUCTORS or builtin_error:
             return obj
         return _ByRef(obj)
 

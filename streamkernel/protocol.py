@@ -63,8 +63,8 @@ def topic(int_id: int, kind: str) -> bytes:
 def new_id() -> str:
     """Return a fresh message id (a random uuid4 string)."""
     h = os.urandom(16).hex()
-    return "%s-%s-4%s-%x%s-%s" % (h[:8], h[8:12], h[13:16], 8 | (int(h[16], 16) & 3),
-                                   h[17:20], h[20:])
+    variant = 8 | (int(h[16], 16) & 3)
+    return "%s-%s-4%s-%x%s-%s" % (h[:8], h[8:12], h[13:16], variant, h[17:20], h[20:])
 
 
 def now() -> str:

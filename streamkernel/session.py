@@ -293,6 +293,8 @@ def recv_frames(socket: zmq.Socket, copy: bool = False) -> list[Any] | None:
     while _raw_get(socket, _RCVMORE):
         frames.append(_raw_recv(socket, 0, copy))
     return frames
+
+
 #: bytes frames shorter than this are copied into the message; larger ones are not.
 COPY_THRESHOLD = 65536
 

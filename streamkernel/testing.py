@@ -9,7 +9,6 @@ who may connect to those public keys (a ZAP authenticator on the context).
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from typing import Any, Sequence

@@ -166,7 +166,7 @@ def test_sys_stdout_restored_after_request(harness):
 
 
 def test_abort_naming_the_running_request_interrupts_it_and_keeps_the_queue(harness):
-    running = harness.request("execute_request", {"code": "import time\nfor i in range(500): time.sleep(0.01)"})
+    running = harness.request("execute_request", {"code": "import time\nfor i in range(3000): time.sleep(0.01)"})
     queued = harness.request("execute_request", {"code": "after = 1"})
     time.sleep(0.3)
     t0 = time.monotonic()
@@ -177,20 +177,20 @@ def test_abort_naming_the_running_request_interrupts_it_and_keeps_the_queue(harn
     assert abort_reply["content"] == {"status": "ok"}
     assert r1["parent_header"]["msg_id"] == running["msg_id"]
     assert r1["content"]["ename"] == "KeyboardInterrupt"
-    assert elapsed < 2
+    assert elapsed < 10  # the code would run 30 s if not interrupted
     _, r2 = harness.recv()
     assert r2["parent_header"]["msg_id"] == queued["msg_id"]
     assert r2["content"] == {"status": "ok"}
 
 
 def test_shutdown_while_running_replies_at_once_and_aborts_queue(harness):
-    running = harness.request("execute_request", {"code": "import time\nfor i in range(500): time.sleep(0.01)"})
+    running = harness.request("execute_request", {"code": "import time\nfor i in range(3000): time.sleep(0.01)"})
     queued = harness.request("execute_request", {"code": "after = 1"})
     time.sleep(0.3)
     t0 = time.monotonic()
     harness.request("shutdown_request", {"restart": False}, kind="control")
     _, sd = harness.recv("control")
-    assert time.monotonic() - t0 < 1
+    assert time.monotonic() - t0 < 10  # answered while the 30 s request still runs
     assert sd["content"] == {"restart": False, "status": "ok"}
     replies = {}
     for _ in range(2):
@@ -199,7 +199,7 @@ def test_shutdown_while_running_replies_at_once_and_aborts_queue(harness):
     assert replies[queued["msg_id"]]["content"] == {"status": "aborted"}
     assert replies[running["msg_id"]]["content"]["ename"] == "KeyboardInterrupt"
     assert harness.shutdown_called.wait(5)
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 15
 
 
 def test_control_clear_during_a_long_request_waits_for_it(harness):
