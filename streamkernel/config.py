@@ -32,6 +32,7 @@ class EngineConfig:
     location: str = ""
     signature_scheme: str = "hmac-md5"
     timeout: float = 2.0
+    registration_retries: int = 0
     heartbeat_timeout: float = 10.0
     insecure: bool = False
     log_level: str = "INFO"
@@ -46,7 +47,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            expected: Any = {"str": str, "float": (int, float), "bool": bool}[str(field.type)]
+            expected: Any = {"str": str, "float": (int, float), "bool": bool,
+                             "int": int}[str(field.type)]
             if isinstance(value, bool) and expected != bool:
                 expected_ok = False
             else:
@@ -61,6 +63,9 @@ class EngineConfig:
         if self.signature_scheme not in SIGNATURE_SCHEMES:
             raise ConfigError("signature_scheme %r is not one of %s" % (
                 self.signature_scheme, ", ".join(SIGNATURE_SCHEMES)))
+        if self.registration_retries < 0:
+            raise ConfigError("registration_retries must be >= 0, not %r"
+                              % self.registration_retries)
         if not (self.timeout > 0 and math.isfinite(self.timeout)):
             raise ConfigError("timeout must be positive, not %r" % self.timeout)
         if not (self.heartbeat_timeout >= 0 and math.isfinite(self.heartbeat_timeout)):

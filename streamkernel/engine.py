@@ -66,6 +66,8 @@ class Engine:
         self._streams: list[ZMQStream] = []
         self._watchdog: PeriodicCallback | None = None
         self._abort_handle: Any = None
+        self._tries_left = 0
+        self._monitor: ZMQStream | None = None
         self.on_registered: Callable[[], None] | None = None
         self.registrar = self._stream(zmq.DEALER, config.url)
 
@@ -90,12 +92,41 @@ class Engine:
         return stream
 
     def start(self) -> None:
-        """Send the registration request; give up after ``config.timeout`` seconds."""
+        """Send the registration request; retry or give up after ``config.timeout`` seconds."""
         log.info("registering with the hub at %s", self.config.url)
+        self._tries_left = int(self.config.registration_retries)
+        self._register()
+
+    def _register(self) -> None:
         self.registrar.on_recv(self.complete_registration)
         content = {"queue": self.ident, "heartbeat": self.ident, "control": self.ident}
         self.session.send(self.registrar, protocol.REGISTRATION_REQUEST, content)
-        self._abort_handle = self.loop.call_later(self.config.timeout, self.abort)
+        self._abort_handle = self.loop.call_later(self.config.timeout, self._registration_timeout)
+
+    def _registration_timeout(self) -> None:
+        if self._tries_left <= 0:
+            self.abort()
+            return
+        self._tries_left -= 1
+        log.warning("no registration reply within %.1f s: retrying (%d more %s)",
+                    self.config.timeout, self._tries_left,
+                    "try" if self._tries_left == 1 else "tries")
+        self._streams.remove(self.registrar)
+        self.registrar.close(linger=0)  # drop the unanswered request
+        self.registrar = self._stream(zmq.DEALER, self.config.url)
+        self._register()
+
+    def _watch_hub(self) -> None:
+        """Exit when the hub closes the registration connection: it stopped or restarted
+        (a restarted hub no longer knows this engine)."""
+        monitor = self.registrar.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitor = ZMQStream(monitor, self.loop)
+        self._monitor.on_recv(self._hub_disconnected)
+
+    def _hub_disconnected(self, frames: list[bytes]) -> None:
+        log.error("the hub at %s closed the connection (it stopped or restarted): exiting",
+                  self.config.url)
+        self.exit(EXIT_HEARTBEAT)
 
     def complete_registration(self, frames: list[bytes]) -> None:
         """Handle the registration_reply: connect the sockets and start the kernel."""
@@ -109,6 +140,7 @@ class Engine:
             self.loop.remove_timeout(self._abort_handle)
             self._abort_handle = None
         self.registrar.stop_on_recv()
+        self._watch_hub()
         content = msg["content"]
         if content.get(protocol.STATUS) != protocol.OK:
             log.error("registration refused by the hub: %s: %s",
@@ -191,6 +223,11 @@ class Engine:
             self.heart.stop()
         if self._tunnel_watch is not None:
             self._tunnel_watch.stop()
+        if self._monitor is not None:
+            self._monitor.stop_on_recv()
+            if not self.registrar.closed():
+                self.registrar.socket.disable_monitor()
+            self._monitor.close(linger=0)
         for stream in self._streams:
             if not stream.closed():
                 stream.flush(zmq.POLLOUT)
@@ -276,6 +313,9 @@ def _parser() -> argparse.ArgumentParser:
                         "engine.<id>.<LEVEL>, as 0.11 engines did (default: off)")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="seconds to wait for the registration reply (default: %s)" % d.timeout)
+    p.add_argument("--registration-retries", type=int, default=None, metavar="N",
+                   help="send the registration request again N times after a timeout "
+                        "(default: %s)" % d.registration_retries)
     p.add_argument("--heartbeat-timeout", type=float, default=None, metavar="SECONDS",
                    help="exit when the hub's heartbeat stops this long; 0 never (default: %s)"
                         % d.heartbeat_timeout)
@@ -328,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = EngineConfig.from_file(
             args.config, timeout=args.timeout, heartbeat_timeout=args.heartbeat_timeout,
+            registration_retries=args.registration_retries,
             insecure=args.insecure, log_level=args.log_level, log_file=args.log_file,
             log_url=args.log_url)
         context = zmq.Context()

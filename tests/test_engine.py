@@ -193,3 +193,32 @@ def test_unwritable_log_file_is_a_config_error(tmp_path, procs):
     assert proc.wait(10) == 1
     err = proc.stderr.read().decode()
     assert err.startswith("streamkernel: cannot open log file") and err.count("\n") == 1
+
+
+def test_registration_retries(hub, tmp_path, procs):
+    proc = run_engine(hub.write_connection_file(tmp_path / "engine.json"), "--timeout", "0.5",
+                      "--registration-retries", "2")
+    procs.append(proc)
+    sock = hub.sockets["registration"]
+    assert sock.poll(5000)
+    _, first = hub.session.recv(sock, mode=0)      # left unanswered
+    assert first["msg_type"] == "registration_request"
+    eid = hub.register(timeout=5)                   # the retry is answered
+    hub.wait_beating(eid)
+    hub.send(eid, "execute_request", {"code": "1"})
+    assert hub.recv()["content"] == {"status": "ok"}
+    hub.send(eid, "shutdown_request", {}, via="control")
+    assert proc.wait(10) == 0
+    assert "retrying (1 more try)" in proc.stderr.read().decode()
+
+
+def test_hub_restart_is_detected(tmp_path, procs):
+    hub = StubHub(heartbeat_period=0.2)
+    try:
+        proc = run_engine(hub.write_connection_file(tmp_path / "engine.json"))
+        procs.append(proc)
+        hub.wait_beating(hub.register())
+    finally:
+        hub.close()                                 # the hub goes away
+    assert proc.wait(10) == 4                       # before the 10 s heartbeat limit
+    assert "closed the connection (it stopped or restarted)" in proc.stderr.read().decode()
