@@ -23,12 +23,12 @@ import tempfile
 import time
 import uuid
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import zmq
 
 from streamkernel.serialize import deserialize_object, pack_apply_message
-from streamkernel.testing import StubHub
+from streamkernel.testing import StubHub, py3_env, read_legacy_env
 
 DELIM = b"<IDS|MSG>"
 
@@ -212,9 +212,12 @@ def measure_memory(run: Run, big: int, apply: bool) -> dict[str, Any]:
     return out
 
 
-def engines(args: argparse.Namespace) -> dict[str, tuple[list[str], dict[str, str] | None, bool]]:
-    py3 = dict(os.environ)
-    py3.pop("PYTHONPATH", None)
+Engines = Dict[str, Tuple[List[str], Optional[Dict[str, str]], bool]]
+
+
+def engines(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Engines:
+    """name -> (command, environment, whether it serves native apply requests)."""
+    py3 = py3_env()
     found = {
         "ours": (args.engine.split() if args.engine else
                  [sys.executable, "-E", "-m", "streamkernel", "--config", "{config}",
@@ -223,12 +226,9 @@ def engines(args: argparse.Namespace) -> dict[str, tuple[list[str], dict[str, st
                    "{config}"], py3, False),
     }
     if args.legacy:
-        env: dict[str, str] = {}
-        with open(os.path.join(args.legacy, "env.sh")) as f:
-            for line in f:
-                if line.startswith("export "):
-                    k, _, v = line[7:].strip().partition("=")
-                    env[k] = v
+        env = read_legacy_env(args.legacy)
+        if env is None:
+            parser.error("no legacy environment at %s" % args.legacy)
         legacy_env = dict(os.environ, PYTHONPATH=env["PYTHONPATH"],
                           IPYTHONDIR=tempfile.mkdtemp(prefix="bench-ipdir-"))
         script = os.path.join(env["LEGACY_IPYTHON"], "IPython", "parallel", "scripts", "ipengine")
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "floor":
         return floor(args.config)
 
-    todo = engines(args)
+    todo = engines(args, parser)
     rates: dict[str, list[dict[str, Any]]] = {name: [] for name in todo}
     result: dict[str, Any] = {"python": sys.version.split()[0], "rounds": args.rounds,
                               "requests": args.requests}

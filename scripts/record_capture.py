@@ -56,6 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from streamkernel import __version__  # noqa: E402
 from streamkernel.capture import DELIM, Capture, Message, capture_from_log, sign  # noqa: E402
 from streamkernel.config import disambiguate_url  # noqa: E402
+from streamkernel.testing import py2_env, py3_env, read_legacy_env, stop_process  # noqa: E402
 
 log = logging.getLogger("record_capture")
 
@@ -215,43 +216,11 @@ class RecordingProxy:
 
 def legacy_env(legacy_dir: str) -> dict[str, str]:
     """PY2, LEGACY_IPYTHON and PYTHONPATH from ``<legacy_dir>/env.sh``."""
-    path = os.path.join(legacy_dir, "env.sh")
-    if not os.path.exists(path):
+    env = read_legacy_env(legacy_dir)
+    if env is None:
         raise SystemExit("no legacy environment at %s (build it with ../shared/legacy/setup.sh)"
                          % legacy_dir)
-    env: dict[str, str] = {}
-    with open(path) as f:
-        for line in f:
-            if line.startswith("export "):
-                name, _, value = line[len("export "):].strip().partition("=")
-                env[name] = shlex.split(value)[0] if value else ""
     return env
-
-
-def _py2_env(legacy: dict[str, str], ipython_dir: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(PYTHONPATH=legacy["PYTHONPATH"], IPYTHONDIR=ipython_dir)
-    return env
-
-
-def _py3_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
-    return env
-
-
-def _stop(proc: subprocess.Popen | None, timeout: float = 5.0) -> None:
-    """Stop a process we started, by its PID."""
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout)
-    except ProcessLookupError:
-        pass
 
 
 def _read(path: str) -> str:
@@ -272,13 +241,13 @@ def start_controller(legacy: dict[str, str], workdir: str) -> tuple[subprocess.P
     with open(log_path, "wb") as out:
         proc = subprocess.Popen([legacy["PY2"], "-W", "ignore", script, "--ip=127.0.0.1",
                                  "--ipython-dir=" + ipdir], stdout=out, stderr=subprocess.STDOUT,
-                                env=_py2_env(legacy, ipdir))
+                                env=py2_env(legacy, ipdir))
     deadline = time.monotonic() + 30
     while not (os.path.exists(os.path.join(security, "ipcontroller-client.json"))
                and os.path.exists(os.path.join(security, "ipcontroller-engine.json"))
                and "Scheduler started" in _read(log_path)):
         if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
+            stop_process(proc)
             raise SystemExit("ipcontroller did not start:\n" + _read(log_path))
         time.sleep(0.1)
     time.sleep(0.3)
@@ -290,7 +259,7 @@ def engine_command(engine: str, config: str, legacy: dict[str, str] | None,
     """argv, environment and a version string for ``--engine``."""
     if engine == "ours":
         import platform
-        return ([sys.executable, "-E", "-m", "streamkernel", "--config", config], _py3_env(),
+        return ([sys.executable, "-E", "-m", "streamkernel", "--config", config], py3_env(),
                 "streamkernel %s, pyzmq %s, libzmq %s, Python %s" % (
                     __version__, zmq.__version__, zmq.zmq_version(), platform.python_version()))
     if engine in ("legacy", "legacy-recorder"):
@@ -299,14 +268,14 @@ def engine_command(engine: str, config: str, legacy: dict[str, str] | None,
         version = subprocess.run(
             [py2, "-c", "import sys, zmq; print('pyzmq %s, libzmq %s, Python %s' % "
                         "(zmq.__version__, zmq.zmq_version(), sys.version.split()[0]))"],
-            capture_output=True, text=True, env=_py2_env(legacy, ipdir)).stdout.strip()
+            capture_output=True, text=True, env=py2_env(legacy, ipdir)).stdout.strip()
         if engine == "legacy":
             script = os.path.join(legacy["LEGACY_IPYTHON"], "IPython", "parallel", "scripts",
                                   "ipengine")
         else:
             script = os.path.abspath(RECORD_ENGINE)
         return ([py2, "-W", "ignore", script, "--file=" + config, "--ipython-dir=" + ipdir],
-                _py2_env(legacy, ipdir), "IPython 0.11, " + version)
+                py2_env(legacy, ipdir), "IPython 0.11, " + version)
     argv = [a.replace("{config}", config) for a in shlex.split(engine)]
     return argv, dict(os.environ), argv[0]
 
@@ -446,7 +415,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print("%s: %d messages (engine view)" % (args.engine_view, len(other.messages)))
         finally:
             for proc in reversed(procs):
-                _stop(proc)
+                stop_process(proc)
             if proxy is not None:
                 proxy.stop()
             if args.keep_logs:

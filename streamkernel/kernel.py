@@ -311,6 +311,8 @@ class Kernel:
             self.abort_queues()
         else:
             self.mark_aborted(msg_ids)
+            if self.running_msg_id in msg_ids:  # only from the control thread
+                self.interrupt("aborted by abort_request %s" % msg["msg_id"])
         self._reply(stream, msg, {protocol.STATUS: protocol.OK}, idents)
 
     def mark_aborted(self, msg_ids: Iterable[Any]) -> None:

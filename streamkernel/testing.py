@@ -9,6 +9,10 @@ who may connect to those public keys (a ZAP authenticator on the context).
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import signal
+import subprocess
 import threading
 import time
 from typing import Any, Sequence
@@ -207,4 +211,49 @@ class _AllowKeys:
         return key in self.keys
 
 
-__all__ = ["StubHub"]
+# -- the legacy environment (../shared/legacy/setup.sh) --------------------------------
+
+def read_legacy_env(legacy_dir: str) -> dict[str, str] | None:
+    """PY2, LEGACY_IPYTHON, PYTHONPATH and IPYTHONDIR from ``<legacy_dir>/env.sh``, or None."""
+    path = os.path.join(legacy_dir, "env.sh")
+    if not os.path.exists(path):
+        return None
+    env: dict[str, str] = {}
+    with open(path) as f:
+        for line in f:
+            if line.startswith("export "):
+                name, _, value = line[len("export "):].strip().partition("=")
+                env[name] = shlex.split(value)[0] if value else ""
+    return env
+
+
+def py2_env(legacy: dict[str, str], ipython_dir: str) -> dict[str, str]:
+    """Environment for a Python 2 legacy process with its own IPython directory."""
+    env = dict(os.environ)
+    env.update(PYTHONPATH=legacy["PYTHONPATH"], IPYTHONDIR=ipython_dir)
+    return env
+
+
+def py3_env() -> dict[str, str]:
+    """Environment for a Python 3 process: no Python 2 packages on the path."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    env.pop("IPYTHONDIR", None)
+    return env
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 5.0) -> None:
+    """Stop a process by its PID: SIGTERM, then SIGKILL if it lingers."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout)
+    except ProcessLookupError:
+        pass
+
+
+__all__ = ["StubHub", "read_legacy_env", "py2_env", "py3_env", "stop_process"]

@@ -74,25 +74,12 @@ class ControlWatcher(threading.Thread):
             idents, msg = unpacked
             msg_type = msg["msg_type"]
             if msg_type == protocol.ABORT_REQUEST:
-                self._abort(stream, idents, msg)
+                kernel.abort_request(stream.socket, idents, msg)
             elif msg_type == protocol.SHUTDOWN_REQUEST:
                 self._shutdown(stream, idents, msg)
             else:  # needs the kernel's thread: served before the next shell request
                 kernel.deferred_control.append((stream, idents, msg, kernel.control_handlers))
                 kernel.loop.add_callback(kernel.serve_control)
-
-    def _abort(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
-        kernel = self.kernel
-        msg_ids = msg["content"].get("msg_ids")
-        if isinstance(msg_ids, str):
-            msg_ids = [msg_ids]
-        if not msg_ids:
-            kernel.abort_queues()
-        else:
-            kernel.mark_aborted(msg_ids)
-            if kernel.running_msg_id in msg_ids:
-                kernel.interrupt("aborted by abort_request %s" % msg["msg_id"])
-        kernel._reply(stream.socket, msg, {protocol.STATUS: protocol.OK}, idents)
 
     def _shutdown(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
         kernel = self.kernel

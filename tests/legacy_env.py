@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -12,21 +10,14 @@ from typing import Any, Iterator
 
 import pytest
 
+from streamkernel.testing import py2_env, py3_env, read_legacy_env, stop_process
+
 LEGACY_DIR = os.environ.get("STREAMKERNEL_LEGACY_DIR", "/tmp/streamkernel-legacy")
 
 
 def legacy_env() -> dict[str, str] | None:
     """The variables of ``<dir>/env.sh`` (PY2, PYTHONPATH, LEGACY_IPYTHON), or None."""
-    path = os.path.join(LEGACY_DIR, "env.sh")
-    if not os.path.exists(path):
-        return None
-    env: dict[str, str] = {}
-    with open(path) as f:
-        for line in f:
-            if line.startswith("export "):
-                name, _, value = line[len("export "):].strip().partition("=")
-                env[name] = shlex.split(value)[0] if value else ""
-    return env
+    return read_legacy_env(LEGACY_DIR)
 
 
 def require_legacy() -> dict[str, str]:
@@ -39,32 +30,7 @@ def require_legacy() -> dict[str, str]:
     return env
 
 
-def py2_env(legacy: dict[str, str], ipython_dir: str) -> dict[str, str]:
-    """Environment for a Python 2 legacy process."""
-    env = dict(os.environ)
-    env.update(PYTHONPATH=legacy["PYTHONPATH"], IPYTHONDIR=ipython_dir)
-    return env
-
-
-def py3_env() -> dict[str, str]:
-    """Environment for a Python 3 process (no Python 2 packages on the path)."""
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
-    env.pop("IPYTHONDIR", None)
-    return env
-
-
-def kill(proc: subprocess.Popen, timeout: float = 5.0) -> None:
-    """Terminate a process by PID, then kill it if it lingers."""
-    if proc.poll() is None:
-        try:
-            os.kill(proc.pid, signal.SIGTERM)
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout)
-        except ProcessLookupError:
-            pass
+kill = stop_process
 
 
 class Controller:
