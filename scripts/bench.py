@@ -206,7 +206,12 @@ def measure_memory(run: Run, big: int, apply: bool) -> dict[str, Any]:
     out["rss_after_%dk_MB" % (big // 1000)] = round(rss_kb(run.proc.pid) / 1024, 1)
     out["rss_growth_MB"] = round(out["rss_after_%dk_MB" % (big // 1000)]
                                  - out["rss_after_10k_MB"], 1)
-    if apply:
+    if apply:  # ours: output floods stay bounded (before the echoes raise the peak)
+        before = rss_kb(run.proc.pid, "VmHWM")
+        run.throughput("execute_request", {"code": "for i in range(500_000): print('x' * 99)"},
+                       n=1, window=1)
+        out["print_50MB_peak_rss_growth_MB"] = round(
+            (rss_kb(run.proc.pid, "VmHWM") - before) / 1024, 1)
         out["echo_1MB"] = run.echo(1 << 20)
         out["echo_100MB"] = run.echo(100 << 20)
     return out
