@@ -1,18 +1,18 @@
 """Kernel: serves execute, apply, complete and clear requests, plus abort and shutdown.
 
 ZMQStream callbacks dispatch control and shell (MUX and task) messages. Control
-is drained before each shell message, never while a request runs. Every request
-that passes the session's checks gets exactly one reply, sent back through the
-routing prefix it came with.
+is drained before each shell message; while a request runs, the control thread
+(watcher.py) answers abort and shutdown. Every request that passes the session's
+checks gets exactly one reply, sent back through the routing prefix it came with.
 """
 from __future__ import annotations
 
 import ast
+import ctypes
 import functools
 import logging
 import os
 import re
-import ctypes
 import rlcompleter
 import signal
 import sys
@@ -25,10 +25,9 @@ from typing import Any, Callable, Iterable, Sequence
 import zmq
 from tornado.ioloop import IOLoop
 
-from . import protocol
+from . import legacy, protocol
 from .errors import MessageError, UnmetDependency, error_content
 from .outstream import DisplayHook, OutStream, redirect
-from . import legacy
 from .serialize import is_legacy_payload, serialize_object, unpack_apply_message
 from .session import Session, recv_frames
 from .watcher import ControlWatcher

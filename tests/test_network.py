@@ -763,9 +763,9 @@ def test_engine_tunnels_through_ssh(netns: Netns, tmp_path: Path) -> None:
     assert "Permission denied (publickey)" in netns.log("stranger.log")
 
     start = time.monotonic()
-    engine = netns.spawn(lan.engines[0], _engine_argv(config, "--heartbeat-timeout", "3"),
+    engine = netns.spawn(lan.engines[0], _engine_argv(config, "--heartbeat-timeout", "3", "--timeout", "20"),
                          "engine.log")
-    eid = hub.cmd("register", timeout=20)["id"]
+    eid = hub.cmd("register", timeout=40)["id"]
     registered_after = time.monotonic() - start
     hub.cmd("wait_beating", id=eid)
     hub.cmd("wait_iopub", id=eid)
@@ -785,8 +785,8 @@ def test_engine_tunnels_through_ssh(netns: Netns, tmp_path: Path) -> None:
     assert all(_gone(p) for p in pids), "ssh tunnels outlived the engine"
 
     # A tunnel that dies after registration: the engine has lost its hub (status 4).
-    cut = netns.spawn(lan.engines[0], _engine_argv(config), "cut.log")
-    hub.cmd("wait_beating", id=hub.cmd("register", timeout=20)["id"])
+    cut = netns.spawn(lan.engines[0], _engine_argv(config, "--timeout", "20"), "cut.log")
+    hub.cmd("wait_beating", id=hub.cmd("register", timeout=40)["id"])
     cut_pids = _tunnel_pids(netns.log("cut.log"))
     os.kill(cut_pids[1], signal.SIGKILL)
     assert cut.wait(10) == 4
@@ -794,8 +794,8 @@ def test_engine_tunnels_through_ssh(netns: Netns, tmp_path: Path) -> None:
     assert _gone(cut_pids[0])
 
     # Killed outright, the engine still takes its ssh processes with it (parent-death signal).
-    killed = netns.spawn(lan.engines[0], _engine_argv(config), "killed.log")
-    hub.cmd("wait_beating", id=hub.cmd("register", timeout=20)["id"])
+    killed = netns.spawn(lan.engines[0], _engine_argv(config, "--timeout", "20"), "killed.log")
+    hub.cmd("wait_beating", id=hub.cmd("register", timeout=40)["id"])
     killed_pids = _tunnel_pids(netns.log("killed.log"))
     assert len(killed_pids) == 2
     os.kill(killed.pid, signal.SIGKILL)
