@@ -763,7 +763,8 @@ def test_engine_tunnels_through_ssh(netns: Netns, tmp_path: Path) -> None:
     assert "Permission denied (publickey)" in netns.log("stranger.log")
 
     start = time.monotonic()
-    engine = netns.spawn(lan.engines[0], _engine_argv(config, "--heartbeat-timeout", "3", "--timeout", "20"),
+    engine = netns.spawn(lan.engines[0],
+                         _engine_argv(config, "--heartbeat-timeout", "3", "--timeout", "20"),
                          "engine.log")
     eid = hub.cmd("register", timeout=40)["id"]
     registered_after = time.monotonic() - start
