@@ -66,10 +66,18 @@ from .errors import SerializationError
 
 log = logging.getLogger(__name__)
 
-try:
-    import numpy
-except ImportError:  # pragma: no cover - numpy is optional
-    numpy = None  # type: ignore[assignment]
+
+def _numpy(load: bool = False) -> Any:
+    """numpy when it is already imported (no numpy object can exist otherwise), or,
+    with ``load``, when it can be; None without numpy. Keeps numpy out of an idle engine."""
+    module = sys.modules.get("numpy")
+    if module is None and load:
+        try:
+            import numpy as module
+        except ImportError:  # numpy is optional
+            return None
+    return module
+
 
 #: Values whose data is larger than this many bytes travel in their own frame.
 THRESHOLD = 64
@@ -282,7 +290,7 @@ def _helper(code: Any) -> Callable[..., Any] | None:
 # -- reading --------------------------------------------------------------------------
 
 def _numpy_global(name: str) -> Any:
-    if numpy is None:
+    if _numpy(load=True) is None:
         raise pickle.UnpicklingError("the payload holds numpy data, but numpy is not "
                                      "installed on this engine")
     try:
@@ -294,6 +302,7 @@ def _numpy_global(name: str) -> Any:
 
 def _ufunc(module: Any, name: Any) -> Any:
     """``numpy.core._ufunc_reconstruct``: a numpy ufunc such as ``numpy.sqrt``, by name."""
+    numpy = _numpy(load=True)
     ufunc = getattr(numpy, _text(name), None) if numpy is not None else None
     if not isinstance(ufunc, getattr(numpy, "ufunc", ())):
         raise pickle.UnpicklingError("numpy ufunc %r is not available on this engine"
@@ -394,7 +403,7 @@ def _convert(obj: Any, g: dict[str, Any] | None, memo: dict[int, Any]) -> Any:
         out = memo[id(obj)] = t(_convert(x, g, memo) for x in obj)
     elif t is _ByRef:
         out = obj.obj
-    elif numpy is not None and t is numpy.ndarray and obj.dtype == object:
+    elif t.__module__ == "numpy" and t is _numpy().ndarray and obj.dtype == object:
         out = memo[id(obj)] = obj.copy(order="C")
         flat = out.reshape(-1)
         for i, x in enumerate(flat):
@@ -429,6 +438,7 @@ def _value(s: Any, data: Iterator[Any], g: dict[str, Any] | None) -> Any:
         return memoryview(raw)
     if s.kind == "ndarray":
         dtype, shape = s.metadata.get("dtype"), s.metadata.get("shape")
+        numpy = _numpy(load=True)
         if numpy is None:
             raise SerializationError("the payload holds a numpy array, but numpy is not "
                                      "installed on this engine")
@@ -554,7 +564,7 @@ class _Writer:
             w(_global(_NEWSERIALIZED, "SerializeIt") + b")\x81")
             self.write({"data": obj.data, "typeDescriptor": obj.kind, "metadata": obj.metadata})
             w(b"b")
-        elif numpy is not None and isinstance(obj, numpy.dtype):
+        elif (numpy := _numpy()) is not None and isinstance(obj, numpy.dtype):
             w(_NUMPY_DTYPE)
             self.write(obj.__reduce__()[1])
             w(b"R")
@@ -629,11 +639,13 @@ def _dumps(obj: Any) -> bytes:
 
 
 def _is_array(obj: Any) -> bool:
+    numpy = _numpy()
     return numpy is not None and isinstance(obj, numpy.ndarray)
 
 
 def _serialize_it(obj: Any, buffers: list[Any], threshold: int) -> _SerializeIt:
     if _is_array(obj) and obj.ndim > 0 and not obj.dtype.hasobject and obj.dtype.fields is None:
+        numpy = _numpy()
         obj = numpy.ascontiguousarray(obj)
         s = _SerializeIt(None, "ndarray", {"shape": obj.shape, "dtype": obj.dtype.str})
         buffers.append(obj.reshape(-1).view(numpy.uint8))

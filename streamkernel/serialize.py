@@ -19,7 +19,6 @@ import pickle
 import types
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-import dill
 
 from .errors import SerializationError
 
@@ -96,6 +95,8 @@ def _dumps(obj: Any, buffers: list[Any], threshold: int) -> bytes:
     except (_NeedsDill, pickle.PicklingError, TypeError, AttributeError):
         del buffers[start:]
         try:
+            import dill  # only for what the standard pickler cannot do
+
             return dill.dumps(obj, protocol=PROTOCOL, buffer_callback=out_of_band)
         except Exception as e:
             raise SerializationError("cannot serialize %s: %s: %s" % (

@@ -54,6 +54,7 @@ class Session:
         ``"hmac-md5"`` (what legacy peers use) or ``"hmac-sha256"``.
     digest_history_size : int
         How many signatures are remembered to reject replays; the oldest go first.
+        Each costs about 70 bytes (a hash of it is kept, not the signature).
     parse_dates : bool
         Turn date strings of received headers and contents into datetimes, as
         legacy peers did. The engine leaves them as strings and echoes them as received.
@@ -61,7 +62,7 @@ class Session:
 
     def __init__(self, key: bytes | str = b"", *, session: str | None = None,
                  username: str = protocol.USERNAME, signature_scheme: str = "hmac-md5",
-                 digest_history_size: int = 1 << 16, parse_dates: bool = True) -> None:
+                 digest_history_size: int = 1 << 15, parse_dates: bool = True) -> None:
         if isinstance(key, str):
             key = key.encode("utf-8")
         if signature_scheme not in _DIGESTS:
@@ -77,8 +78,8 @@ class Session:
         self.parse_dates = parse_dates
         self._auth = hmac.new(key, digestmod=_DIGESTS[signature_scheme]) if key else None
         self.digest_history_size = digest_history_size
-        self._digests: set[bytes] = set()
-        self._digest_order: deque[bytes] = deque()
+        self._digests: set[int] = set()
+        self._digest_order: deque[int] = deque()
         self.none = protocol.pack({})
 
     # -- building -----------------------------------------------------------------
@@ -123,10 +124,11 @@ class Session:
         return h.hexdigest().encode("ascii")
 
     def _remember(self, signature: bytes) -> None:
-        if signature in self._digests:
+        digest = hash(signature)  # a replay has the same bytes, so the same hash
+        if digest in self._digests:
             raise DuplicateSignature("duplicate signature (replayed message)")
-        self._digests.add(signature)
-        self._digest_order.append(signature)
+        self._digests.add(digest)
+        self._digest_order.append(digest)
         if len(self._digest_order) > self.digest_history_size:
             self._digests.discard(self._digest_order.popleft())
 
