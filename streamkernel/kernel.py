@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Sequence
 
 import zmq
@@ -27,7 +26,7 @@ from tornado.ioloop import IOLoop
 
 from . import legacy, protocol
 from .errors import MessageError, UnmetDependency, error_content
-from .outstream import DisplayHook, OutStream, redirect
+from .outstream import DisplayHook, OutStream, finish_output, redirect
 from .serialize import is_legacy_payload, serialize_object, unpack_apply_message
 from .session import Session, recv_frames
 from .watcher import ControlWatcher
@@ -399,8 +398,7 @@ class Kernel:
         self._publish(protocol.PYIN, {"code": code}, self._topic(protocol.PYIN))
         started = protocol.now()
         try:
-            with self._user_io(), self._running(msg["msg_id"]):
-                self._run_code(code)
+            self._run_user(msg["msg_id"], self._run_code, code)
         except BaseException:
             content = self._error("execute")
         else:
@@ -423,14 +421,14 @@ class Kernel:
         unpack, pack = unpack_apply_message, serialize_object
         if bufs and is_legacy_payload(bufs[0]):  # a Python 2 client: answer in its format
             unpack, pack = legacy.unpack_apply_message, legacy.serialize_object
+
+        def call() -> list[Any]:
+            f, args, kwargs = unpack(bufs, self.user_ns, copy=False)
+            del bufs[:]  # the frames are no longer needed (arrays keep what they use)
+            return pack(f(*args, **kwargs))
+
         try:
-            with self._user_io(), self._running(msg["msg_id"]):
-                f, args, kwargs = unpack(bufs, self.user_ns, copy=False)
-                del bufs[:]
-                result = f(*args, **kwargs)
-                del f, args, kwargs
-                result_buf = pack(result)
-                del result
+            result_buf = self._run_user(msg["msg_id"], call)
         except BaseException:
             del bufs[:]
             content = self._error("apply")
@@ -443,21 +441,26 @@ class Kernel:
 
     # -- running user code --------------------------------------------------------------
 
-    @contextmanager
-    def _running(self, msg_id: str) -> Any:
-        """Run user code: the control thread may serve control and interrupt it."""
+    def _run_user(self, msg_id: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Return ``fn(*args)`` run as user code of request ``msg_id``: its output goes to
+        iopub, and the control thread may serve control and interrupt it meanwhile."""
+        saved = sys.stdout, sys.stderr, sys.displayhook
+        self.stdout.parent = self.stderr.parent = self._parent
+        sys.stdout, sys.stderr, sys.displayhook = self.stdout, self.stderr, self.displayhook
         self._interrupt_reason = None
         self.running_msg_id = msg_id
         self.running_since = time.monotonic()
         self.socket_lock.release()
         try:
-            yield
+            return fn(*args)
         finally:
             try:
                 self.running_since = None  # from here on SIGINT no longer interrupts
             finally:
                 self.socket_lock.acquire()
                 self.running_msg_id = None
+                sys.stdout, sys.stderr, sys.displayhook = saved
+                finish_output(self.stdout, self.stderr)
 
     def interrupt(self, reason: str = "interrupted") -> bool:
         """Raise KeyboardInterrupt in running user code; False when none runs."""

@@ -172,12 +172,17 @@ def redirect(stdout: OutStream, stderr: OutStream, displayhook: DisplayHook
         yield
     finally:
         sys.stdout, sys.stderr, sys.displayhook = saved
-        for stream in (stdout, stderr):
-            try:
-                stream.buffer.finish()
-                stream.flush()
-            except Exception:
-                pass
+        finish_output(stdout, stderr)
 
 
-__all__ = ["OutStream", "DisplayHook", "redirect", "CHUNK_SIZE", "FLUSH_INTERVAL"]
+def finish_output(*streams: OutStream) -> None:
+    """Publish what a request left in ``streams`` (an incomplete character included)."""
+    for stream in streams:
+        try:
+            stream.buffer.finish()
+            stream.flush()
+        except Exception:
+            pass
+
+
+__all__ = ["OutStream", "DisplayHook", "redirect", "finish_output", "CHUNK_SIZE", "FLUSH_INTERVAL"]
