@@ -210,7 +210,9 @@ class Client:
 
     def output(self, msg_id: str, settle: float = 0.2) -> list[dict[str, Any]]:
         """iopub messages of a request, after waiting ``settle`` seconds for late ones."""
-        self._drain(settle)
+        deadline = time.monotonic() + settle
+        while (left := deadline - time.monotonic()) > 0:
+            self._drain(left)
         return self.iopub.get(msg_id, [])
 
 

@@ -6,6 +6,8 @@ import difflib
 import ipaddress
 import json
 import math
+import re
+import shlex
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +18,9 @@ SIGNATURE_SCHEMES = ("hmac-md5", "hmac-sha256")
 _Z85 = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
                  ".-:+=^!/*?&<>()[]{}@%$#")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_MAX_FILE = 1 << 20
+_TCP_URL = re.compile(r"^tcp://(\*|[\w.-]+|\[[0-9a-fA-F:.]+\]):(\d{1,5})$")
+_TRANSPORTS = ("tcp", "ipc", "inproc", "pgm", "epgm", "ws", "wss")
 
 
 @dataclass(frozen=True)
@@ -58,8 +63,9 @@ class EngineConfig:
                     field.name, field.type, type(value).__name__))
         if not self.url:
             raise ConfigError("url is empty: it must be the hub's registration address")
-        if "://" not in self.url:
-            raise ConfigError("url %r is not a ZeroMQ address like tcp://127.0.0.1:5555" % self.url)
+        check_url("url", self.url)
+        if self.log_url:
+            check_url("log_url", self.log_url)
         if self.signature_scheme not in SIGNATURE_SCHEMES:
             raise ConfigError("signature_scheme %r is not one of %s" % (
                 self.signature_scheme, ", ".join(SIGNATURE_SCHEMES)))
@@ -83,8 +89,11 @@ class EngineConfig:
         """Check the ssh and CURVE settings (the secret key is never echoed)."""
         if any(c.isspace() for c in self.ssh):
             raise ConfigError("ssh %r must be [user@]host[:port]" % self.ssh)
-        if not self.ssh_command.strip():
-            raise ConfigError("ssh_command is empty: it must name the ssh client, e.g. 'ssh'")
+        try:
+            if not shlex.split(self.ssh_command):
+                raise ConfigError("ssh_command is empty: it must name the ssh client, e.g. 'ssh'")
+        except ValueError as e:
+            raise ConfigError("ssh_command %r cannot be split: %s" % (self.ssh_command, e)) from e
         keys = ("curve_serverkey", "curve_publickey", "curve_secretkey")
         for name in keys:
             value = getattr(self, name)
@@ -139,13 +148,18 @@ class EngineConfig:
         """Read a connection file such as ``ipcontroller-engine.json``."""
         try:
             with open(path, "rb") as f:
-                raw = f.read()
+                raw = f.read(_MAX_FILE + 1)
         except OSError as e:
             raise ConfigError("cannot read %s: %s" % (path, e.strerror or e)) from e
+        if len(raw) > _MAX_FILE:
+            raise ConfigError("%s is larger than %d bytes: not a connection file"
+                              % (path, _MAX_FILE))
         try:
             data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             raise ConfigError("%s is not valid JSON: %s" % (path, e)) from e
+        except RecursionError:
+            raise ConfigError("%s is not valid JSON: nested too deeply" % path) from None
         try:
             return cls.from_dict(data, **overrides)
         except ConfigError as e:
@@ -156,6 +170,18 @@ __all__ = ["EngineConfig", "SIGNATURE_SCHEMES"]
 
 
 _WILDCARDS = ("*", "0.0.0.0", "[::]")
+
+
+def check_url(name: str, url: str) -> None:
+    """Raise ConfigError unless ``url`` is a ZeroMQ address (tcp with a valid port)."""
+    transport, sep, _ = url.partition("://")
+    if not sep or transport not in _TRANSPORTS:
+        raise ConfigError("%s %r is not a ZeroMQ address like tcp://127.0.0.1:5555" % (name, url))
+    if transport == "tcp":
+        match = _TCP_URL.match(url)
+        if match is None or not 0 < int(match.group(2)) < 65536:
+            raise ConfigError("%s %r is not a tcp address with a port (1-65535), like "
+                              "tcp://127.0.0.1:5555" % (name, url))
 
 
 def disambiguate_url(url: str, location: str | None = None) -> str:
@@ -215,4 +241,4 @@ def _connectable_host(location: str | None) -> str:
     return location
 
 
-__all__ += ["disambiguate_url", "is_local_address"]
+__all__ += ["check_url", "disambiguate_url", "is_local_address"]

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import math
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -194,11 +196,14 @@ class Engine:
             self.exit(EXIT_HEARTBEAT)
 
     def abort(self) -> None:
-        """Registration timed out: unregister and exit with status 255."""
+        """Registration timed out: exit with status 255."""
         self._abort_handle = None
+        self.registrar.stop_on_recv()  # a late reply no longer registers this engine
         log.error("registration timed out after %.1f s: no reply from the hub at %s",
                   self.config.timeout, self.config.url)
-        self.session.send(self.registrar, protocol.UNREGISTRATION_REQUEST, {"id": self.id})
+        if self.id is not None:
+            # (0.11 engines sent {"id": None} here; a 0.11 hub fails on it with KeyError)
+            self.session.send(self.registrar, protocol.UNREGISTRATION_REQUEST, {"id": self.id})
         self.exit(EXIT_TIMEOUT)
 
     def _exit_now(self) -> None:
@@ -293,6 +298,20 @@ def _is_loopback_url(url: str) -> bool:
 _LOG_FORMAT = "%(asctime)s streamkernel %(levelname)s %(message)s"
 
 
+def _number(kind: Callable[[str], Any], minimum: float, strict: bool) -> Callable[[str], Any]:
+    """An argparse type: a finite number above (or, unless strict, equal to) ``minimum``."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a number" % text) from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError("%r must be %s %s" % (
+                text, ">" if strict else ">=", minimum))
+        return value
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     d = EngineConfig  # defaults shown in --help are the config's
     p = argparse.ArgumentParser(
@@ -311,12 +330,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-url", metavar="URL", default=None,
                    help="also publish log records over ZeroMQ PUB to this address, with topics "
                         "engine.<id>.<LEVEL>, as 0.11 engines did (default: off)")
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--timeout", type=_number(float, 0, strict=True), default=None,
+                   metavar="SECONDS",
                    help="seconds to wait for the registration reply (default: %s)" % d.timeout)
-    p.add_argument("--registration-retries", type=int, default=None, metavar="N",
+    p.add_argument("--registration-retries", type=_number(int, 0, strict=False), default=None,
+                   metavar="N",
                    help="send the registration request again N times after a timeout "
                         "(default: %s)" % d.registration_retries)
-    p.add_argument("--heartbeat-timeout", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--heartbeat-timeout", type=_number(float, 0, strict=False), default=None,
+                   metavar="SECONDS",
                    help="exit when the hub's heartbeat stops this long; 0 never (default: %s)"
                         % d.heartbeat_timeout)
     p.add_argument("--insecure", action="store_const", const=True, default=None,
@@ -394,6 +416,14 @@ def _run(config: EngineConfig, context: zmq.Context, pub_handler: Any) -> int:
         log.info("got signal %d: exiting", signum)
         engine.exit(EXIT_OK)
         loop.add_callback_from_signal(loop.stop)
+        kernel = engine.kernel
+        if kernel is not None and kernel.running_since is not None:
+            kernel.shutting_down = True
+            timer = threading.Timer(kernel.shutdown_grace, engine._exit_now)
+            timer.daemon = True
+            timer.start()
+            kernel._interrupt_reason = "engine terminating (signal %d)" % signum
+            kernel.on_sigint()  # raises KeyboardInterrupt into the running code
 
     def on_sigint(signum: int, frame: Any) -> None:
         if engine.kernel is not None and engine.kernel.on_sigint():

@@ -111,6 +111,7 @@ class Kernel:
         self.interrupt_by_signal = False
         self._interrupt_reason: str | None = None
         self._thread_id: int | None = None
+        self.shutdown_grace = shutdown_grace
         self._watcher = ControlWatcher(self, shutdown_grace=shutdown_grace)
         self._parent: dict[str, Any] | bytes = {}
         self._iopub_socket = getattr(iopub_stream, "socket", iopub_stream)
@@ -260,7 +261,12 @@ class Kernel:
         msg_type = msg["msg_type"]
         handler = handlers.get(msg_type)
         if handler is None:
-            self.log.warning("dropped message of unknown type %r", msg_type[:100])
+            if msg_type.endswith("_request") and len(msg_type) <= 100:  # a request: answer it
+                self.log.warning("unknown request type %r: error reply", msg_type)
+                self._reply(stream, msg, self._message_error(
+                    "unknown request type %r on this socket" % msg_type, msg_type), idents)
+            else:
+                self.log.warning("dropped message of unknown type %r", msg_type[:100])
             return
         if log.isEnabledFor(logging.DEBUG):
             self.log.debug("%s %s from %r", msg_type, msg["msg_id"], idents)
@@ -394,7 +400,11 @@ class Kernel:
         code = msg["content"].get("code")
         self._parent = msg.get("raw_header") or msg["header"]
         if not isinstance(code, str):
-            raise TypeError("execute_request content needs a string 'code'")
+            self.log.warning("execute_request %s without a string 'code': error reply",
+                             msg["msg_id"])
+            self._reply(stream, msg, self._message_error(
+                "execute_request content needs a string 'code'", "execute"), idents)
+            return
         self._publish(protocol.PYIN, {"code": code}, self._topic(protocol.PYIN))
         started = protocol.now()
         try:
@@ -491,6 +501,11 @@ class Kernel:
             exec(body, self.user_ns)
         if last is not None:
             exec(last, self.user_ns)
+
+    def _message_error(self, text: str, method: str) -> dict[str, Any]:
+        """Reply content for a request that cannot be served as sent (a client's mistake)."""
+        error = MessageError(text)
+        return error_content(self._engine_info(method), (MessageError, error, None))
 
     def _error(self, method: str) -> dict[str, Any]:
         """Publish pyerr for the exception being handled and return the reply content."""

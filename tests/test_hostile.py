@@ -169,7 +169,6 @@ JUNK: dict[str, Callable[[KernelHarness], list[bytes]]] = {
     "int-msg-id": lambda h: signed(h, new_header(msg_id=5), content={"code": "1"}),
     "null-msg-type": lambda h: signed(h, new_header(None), content={"code": "1"}),
     "list-msg-type": lambda h: signed(h, new_header(["execute_request"])),
-    "unknown-type": lambda h: signed(h, new_header("bogus_request"), content={"code": "1"}),
     "reply-type": lambda h: signed(h, new_header("execute_reply"), content={"status": "ok"}),
     "empty-type": lambda h: signed(h, new_header("")),
     "method-name-type": lambda h: signed(h, new_header("dispatch_control")),
@@ -228,14 +227,23 @@ def test_junk_is_dropped_with_one_log_line(shared: KernelHarness,
     assert not ran_junk(shared)
 
 
-def test_shell_refuses_control_only_types(shared: KernelHarness,
-                                          caplog: pytest.LogCaptureFixture) -> None:
-    for msg_type in ("shutdown_request", "abort_request"):
-        caplog.clear()
-        shared.send_frames("mux", valid(shared, msg_type, {"restart": False}))
-        assert_serving(shared, "mux")
-        assert len(warnings_logged(caplog)) == 1
+@pytest.mark.parametrize("kind, msg_type", [
+    ("mux", "shutdown_request"), ("mux", "abort_request"),    # control only
+    ("mux", "bogus_request"), ("control", "bogus_request"),   # served nowhere
+])
+def test_requests_not_served_on_a_socket_get_an_error_reply(
+        shared: KernelHarness, caplog: pytest.LogCaptureFixture, kind: str,
+        msg_type: str) -> None:
+    caplog.clear()
+    shared.send_frames(kind, valid(shared, msg_type, {"restart": False, "code": "1"}))
+    _, reply = shared.recv(kind)
+    assert reply["msg_type"] == msg_type.replace("_request", "_reply")
+    assert_error(reply, "MessageError")
+    assert "unknown request type" in reply["content"]["evalue"]
+    assert len(warnings_logged(caplog)) == 1
+    assert_serving(shared, kind)
     assert not shared.shutdown_called.is_set()
+    assert not ran_junk(shared)
 
 
 @pytest.mark.parametrize("replay_on", ["mux", "task", "control"])

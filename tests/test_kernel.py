@@ -212,3 +212,18 @@ def test_control_clear_during_a_long_request_waits_for_it(harness):
     assert c["content"] == {"status": "ok"}
     _, r = execute(harness, "v")
     assert r["content"]["ename"] == "NameError"
+
+
+def test_endless_output_is_streamed_in_bounded_chunks_and_abort_still_stops_it(harness):
+    from streamkernel.outstream import CHUNK_SIZE
+    running = harness.request("execute_request", {"code": "while True: print('x' * 999)"})
+    time.sleep(0.5)
+    harness.request("abort_request", {"msg_ids": [running["msg_id"]]}, kind="control")
+    _, abort_reply = harness.recv("control")
+    _, reply = harness.recv()
+    assert abort_reply["content"] == {"status": "ok"}
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    chunks = [m["content"]["data"] for _, m in harness.iopub() if m["msg_type"] == "stream"]
+    assert len(chunks) > 3 and max(map(len, chunks)) <= CHUNK_SIZE
+    _, r = execute(harness, "still = 'serving'")
+    assert r["content"] == {"status": "ok"}
