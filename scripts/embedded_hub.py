@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernels", type=int, default=2, help="how many kernels (default 2)")
     args = parser.parse_args(argv)
-    summary = IOLoop.current().run_sync(lambda: run(args.kernels), timeout=60)
+    summary = asyncio.run(asyncio.wait_for(run(args.kernels), 60))
     print(json.dumps(summary, sort_keys=True))
     return 0
 

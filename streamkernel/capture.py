@@ -50,6 +50,7 @@ MSG_ID, DATE, ENGINE, USERNAME, FILE, LINE = (
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}$")
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _FRAME_LINE = re.compile(r'^(\s*File )"([^"]*)", line \d+', re.MULTILINE)
+_SUGGESTION = re.compile(r"\. Did you mean: .*\?(?=\n?$)")
 _STACK_FRAME = re.compile(r'^\s*File "([^"]*)", line \d+, in ')
 _TB_HEADER = "Traceback (most recent call last):\n"
 _SYNTAX_WHERE = re.compile(r"\(([^()]*), line \d+\)$")
@@ -426,11 +427,13 @@ def describe_result(buffers: Sequence[bytes]) -> Any:
 
 
 def normalise_traceback(lines: Sequence[Any]) -> list[Any]:
-    """Replace file paths and line numbers of frame lines by placeholders."""
+    """Replace file paths and line numbers of frame lines by placeholders, and drop the
+    "Did you mean" hints newer Pythons add to the last line."""
     out: list[Any] = []
     for entry in lines:
         if isinstance(entry, str):
             entry = _FRAME_LINE.sub(r'\1"%s", line %s' % (FILE, LINE), entry)
+            entry = _SUGGESTION.sub("", entry)
         out.append(entry)
     return out
 

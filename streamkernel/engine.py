@@ -7,6 +7,7 @@ configuration, 2 bad command line, 3 registration refused, 4 heartbeat lost,
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import logging
 import math
@@ -409,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(config: EngineConfig, context: zmq.Context, pub_handler: Any) -> int:
     if config.insecure and not config.exec_key:
         log.warning("running without an exec_key: messages are neither signed nor checked")
+    asyncio.set_event_loop(asyncio.new_event_loop())
     loop = IOLoop.current()
     engine = Engine(config, loop=loop, context=context)
 

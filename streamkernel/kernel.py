@@ -414,8 +414,9 @@ class Kernel:
         else:
             content = {protocol.STATUS: protocol.OK}
         waiting = []
-        if content[protocol.STATUS] == protocol.ERROR and not (
-                self._interrupt_reason or "").startswith("aborted by"):
+        aborted_alone = (self._interrupt_reason or "").startswith("aborted by")
+        self._interrupt_reason = None
+        if content[protocol.STATUS] == protocol.ERROR and not aborted_alone:
             # stop on error: what was queued before this reply leaves is aborted after it
             waiting = self._drain()
         self._reply(stream, msg, content, idents, subheader={protocol.STARTED: started})
@@ -447,6 +448,7 @@ class Kernel:
         else:
             content = {protocol.STATUS: protocol.OK}
         sub[protocol.STATUS] = content[protocol.STATUS]
+        self._interrupt_reason = None
         self._reply(stream, msg, content, idents, subheader=sub, buffers=result_buf)
 
     # -- running user code --------------------------------------------------------------
@@ -469,6 +471,10 @@ class Kernel:
             finally:
                 self.socket_lock.acquire()
                 self.running_msg_id = None
+                if self._interrupt_reason is not None and not self.interrupt_by_signal:
+                    # an interrupt that came too late for the code: it must not hit the kernel
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                        ctypes.c_ulong(self._thread_id or 0), None)
                 sys.stdout, sys.stderr, sys.displayhook = saved
                 finish_output(self.stdout, self.stderr)
 
@@ -485,9 +491,12 @@ class Kernel:
         return True
 
     def on_sigint(self) -> bool:
-        """For the process's SIGINT handler: interrupt user code if it runs."""
+        """For the process's SIGINT handler: interrupt user code if it runs. True also
+        for an interrupt the control thread sent that came after the code ended."""
         if self.running_since is None:
-            return False
+            late = self._interrupt_reason is not None
+            self._interrupt_reason = None
+            return late
         raise KeyboardInterrupt(self._interrupt_reason or "interrupted by SIGINT")
 
     def _user_io(self) -> Any:

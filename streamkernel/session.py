@@ -16,7 +16,8 @@ import hashlib
 import hmac
 import logging
 from collections import deque
-from typing import Any, Sequence, Union
+from itertools import repeat
+from typing import Any, Callable, Sequence, Union
 
 import zmq
 
@@ -275,6 +276,7 @@ class Session:
 
 
 _raw_send = zmq.backend.Socket.send
+_consume: Callable[[Any], None] = deque(maxlen=0).extend
 _raw_recv = zmq.backend.Socket.recv
 _raw_get = zmq.backend.Socket.get
 _SNDMORE = int(zmq.SNDMORE)
@@ -311,10 +313,12 @@ def send_frames(socket: Any, frames: Sequence[Any]) -> None:
     if not isinstance(socket, zmq.backend.Socket):
         socket.send_multipart(frames, copy=False)
         return
-    last = len(frames) - 1
-    for i, frame in enumerate(frames):
-        copy = type(frame) is bytes and len(frame) < COPY_THRESHOLD
-        _raw_send(socket, frame, _SNDMORE if i < last else 0, copy)
+    n = len(frames)
+    flags = [_SNDMORE] * (n - 1) + [0]
+    copies = [type(frame) is bytes and len(frame) < COPY_THRESHOLD for frame in frames]
+    # One C-level loop: no bytecode runs between the frames, so an interrupt raised in
+    # this thread (KeyboardInterrupt) cannot leave half a message on the socket.
+    _consume(map(_raw_send, repeat(socket, n), frames, flags, copies))
 
 
 def _check_buffer(buf: Any) -> None:

@@ -1,6 +1,7 @@
 """Kernels embedded in a host process: the 0.11 constructor, inproc sockets, no global side effects."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -31,18 +32,23 @@ def test_host_embeds_two_kernels_and_survives_one_shutdown():
 def test_in_process_kernels_are_independent_and_restore_globals():
     from .scripts_embedded import run
     before = sys.stdout, sys.stderr, sys.displayhook
-    summary = IOLoop.current().run_sync(lambda: run(2), timeout=30)
+    summary = asyncio.run(asyncio.wait_for(run(2), 30))
     assert (sys.stdout, sys.stderr, sys.displayhook) == before
     assert summary["results"] == {"embedded-engine-0": 1, "embedded-engine-1": 11}
 
 
 def test_legacy_constructor_keywords_are_accepted():
     ns: dict = {}
-    kernel = Kernel(config={}, int_id=3, ident="engine-3", session=Session(b"k"),
-                    control_stream=None, shell_streams=[], task_stream=None,
-                    iopub_stream=None, loop=IOLoop.current(), user_ns=ns,
-                    exec_lines=["y = 2"], log=None, client=None)
+
+    async def build() -> Kernel:
+        kernel = Kernel(config={}, int_id=3, ident="engine-3", session=Session(b"k"),
+                        control_stream=None, shell_streams=[], task_stream=None,
+                        iopub_stream=None, loop=IOLoop.current(), user_ns=ns,
+                        exec_lines=["y = 2"], log=None, client=None)
+        kernel.start()
+        kernel.stop()
+        return kernel
+
+    kernel = asyncio.run(build())
     assert kernel.prefix == "engine.3"
     assert ns["y"] == 2 and kernel.user_ns is ns
-    kernel.start()
-    kernel.stop()
