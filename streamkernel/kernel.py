@@ -110,6 +110,9 @@ class Kernel:
         #: Interrupt user code with SIGINT (the process's handler calls interrupt()).
         self.interrupt_by_signal = False
         self._interrupt_reason: str | None = None
+        self._pending_interrupt = False
+        self._sending = False
+        self._send_lock = threading.Lock()
         self._thread_id: int | None = None
         self.shutdown_grace = shutdown_grace
         self._watcher = ControlWatcher(self, shutdown_grace=shutdown_grace)
@@ -186,9 +189,25 @@ class Kernel:
     # -- sending --------------------------------------------------------------------
 
     def _publish(self, msg_type: str, content: dict[str, Any], topic: bytes) -> None:
-        if self._iopub_socket is not None:
-            self.session.send(self._iopub_socket, msg_type, content, parent=self._parent,
-                              ident=topic)
+        """Send on iopub. An interrupt of the running code never lands inside the send
+        (half a multipart message would corrupt the socket): it is raised after it."""
+        if self._iopub_socket is None:
+            return
+        with self._send_lock:
+            self._sending = True
+            try:
+                if self._pending_interrupt and not self.interrupt_by_signal:
+                    self._clear_async_interrupt()  # hold it until the message is out
+                self.session.send(self._iopub_socket, msg_type, content, parent=self._parent,
+                                  ident=topic)
+            finally:
+                self._sending = False
+        if self._pending_interrupt and self.running_since is not None:
+            self._pending_interrupt = False
+            raise KeyboardInterrupt(self._interrupt_reason or "interrupted")
+
+    def _clear_async_interrupt(self) -> None:
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._thread_id or 0), None)
 
     def _reply(self, stream: Any, parent: dict[str, Any], content: dict[str, Any],
                idents: list[bytes], subheader: dict[str, Any] | None = None,
@@ -460,6 +479,7 @@ class Kernel:
         self.stdout.parent = self.stderr.parent = self._parent
         sys.stdout, sys.stderr, sys.displayhook = self.stdout, self.stderr, self.displayhook
         self._interrupt_reason = None
+        self._pending_interrupt = False
         self.running_msg_id = msg_id
         self.running_since = time.monotonic()
         self.socket_lock.release()
@@ -471,10 +491,12 @@ class Kernel:
             finally:
                 self.socket_lock.acquire()
                 self.running_msg_id = None
-                if self._interrupt_reason is not None and not self.interrupt_by_signal:
+                if self._pending_interrupt or (
+                        self._interrupt_reason is not None and not self.interrupt_by_signal):
                     # an interrupt that came too late for the code: it must not hit the kernel
-                    ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                        ctypes.c_ulong(self._thread_id or 0), None)
+                    self._pending_interrupt = False
+                    if not self.interrupt_by_signal:
+                        self._clear_async_interrupt()
                 sys.stdout, sys.stderr, sys.displayhook = saved
                 finish_output(self.stdout, self.stderr)
 
@@ -484,10 +506,12 @@ class Kernel:
             return False
         self._interrupt_reason = reason
         if self.interrupt_by_signal and self._thread_id == threading.main_thread().ident:
-            signal.pthread_kill(self._thread_id, signal.SIGINT)
+            signal.pthread_kill(self._thread_id, signal.SIGINT)  # see on_sigint
         else:
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                ctypes.c_ulong(self._thread_id), ctypes.py_object(KeyboardInterrupt))
+            with self._send_lock:  # never while the kernel thread sends (see _publish)
+                self._pending_interrupt = True
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(self._thread_id), ctypes.py_object(KeyboardInterrupt))
         return True
 
     def on_sigint(self) -> bool:
@@ -497,6 +521,9 @@ class Kernel:
             late = self._interrupt_reason is not None
             self._interrupt_reason = None
             return late
+        if self._sending:  # in the middle of a message: raised once it is out
+            self._pending_interrupt = True
+            return True
         raise KeyboardInterrupt(self._interrupt_reason or "interrupted by SIGINT")
 
     def _user_io(self) -> Any:
