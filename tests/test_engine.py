@@ -1,7 +1,6 @@
 """The engine process: registration, heartbeat, serving, exit codes, config errors."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,6 +20,15 @@ def run_engine(config_path, *args):
     return subprocess.Popen([sys.executable, "-m", "streamkernel", "--config", str(config_path),
                              *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=py3_env())
+
+
+def start_engine(hub, tmp_path, procs, *args):
+    """Start an engine for ``hub``; return (process, engine id) once it heartbeats."""
+    proc = run_engine(hub.write_connection_file(tmp_path / "engine.json"), *args)
+    procs.append(proc)
+    eid = hub.register()
+    hub.wait_beating(eid)
+    return proc, eid
 
 
 @pytest.fixture
@@ -86,11 +94,7 @@ def test_refused_registration_exits_3(hub, tmp_path, procs):
 
 
 def test_heartbeat_loss_exits_4(hub, tmp_path, procs):
-    proc = run_engine(hub.write_connection_file(tmp_path / "engine.json"),
-                      "--heartbeat-timeout", "1")
-    procs.append(proc)
-    eid = hub.register()
-    hub.wait_beating(eid)
+    proc, eid = start_engine(hub, tmp_path, procs, "--heartbeat-timeout", "1")
     hub.beating.clear()
     start = time.monotonic()
     assert proc.wait(10) == 4
@@ -99,10 +103,7 @@ def test_heartbeat_loss_exits_4(hub, tmp_path, procs):
 
 
 def test_sigterm_while_idle_exits_0(hub, tmp_path, procs):
-    proc = run_engine(hub.write_connection_file(tmp_path / "engine.json"))
-    procs.append(proc)
-    eid = hub.register()
-    hub.wait_beating(eid)
+    proc, eid = start_engine(hub, tmp_path, procs)
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(10) == 0
 
@@ -139,10 +140,7 @@ def test_version_and_help():
 
 
 def test_sigint_interrupts_running_code_and_exits_when_idle(hub, tmp_path, procs):
-    proc = run_engine(hub.write_connection_file(tmp_path / "engine.json"))
-    procs.append(proc)
-    eid = hub.register()
-    hub.wait_beating(eid)
+    proc, eid = start_engine(hub, tmp_path, procs)
     time.sleep(0.2)
     hub.send(eid, "execute_request", {"code": "import time\nwhile True: time.sleep(0.01)"})
     time.sleep(0.3)
@@ -226,10 +224,7 @@ def test_hub_restart_is_detected(tmp_path, procs):
 
 
 def test_sigterm_while_user_code_runs_interrupts_it_and_exits_0(hub, tmp_path, procs):
-    proc = run_engine(hub.write_connection_file(tmp_path / "engine.json"))
-    procs.append(proc)
-    eid = hub.register()
-    hub.wait_beating(eid)
+    proc, eid = start_engine(hub, tmp_path, procs)
     time.sleep(0.2)
     hub.send(eid, "execute_request", {"code": "while True: pass"})
     time.sleep(0.3)
@@ -241,11 +236,7 @@ def test_sigterm_while_user_code_runs_interrupts_it_and_exits_0(hub, tmp_path, p
 def test_heartbeat_goes_on_while_code_holds_the_interpreter_lock(tmp_path, procs):
     hub = StubHub(heartbeat_period=0.1)
     try:
-        proc = run_engine(hub.write_connection_file(tmp_path / "engine.json"),
-                          "--heartbeat-timeout", "1")
-        procs.append(proc)
-        eid = hub.register()
-        hub.wait_beating(eid)
+        proc, eid = start_engine(hub, tmp_path, procs, "--heartbeat-timeout", "1")
         time.sleep(0.3)
         ident = hub.engines[eid].encode()
         before = hub.echoes[ident]
