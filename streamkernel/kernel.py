@@ -173,17 +173,18 @@ class Kernel:
         socket = stream.socket
 
         def dispatcher(frames: list) -> None:
-            # serve what else is already queued without a loop round trip per message
+            # serve what else is already queued without a loop round trip per message;
+            # control is served before each shell message is taken off its socket
+            self.serve_control()
             for _ in range(_BATCH):
-                self.dispatch_queue(stream, frames)
+                self._serve_shell(stream, frames)
                 if stream.closed() or self.shutting_down:
                     return
                 self.serve_control()  # before taking the next one, which an abort may cover
-                next_frames = recv_frames(socket)
-                if next_frames is None:
+                frames = recv_frames(socket, check=False)
+                if frames is None:
                     return
-                frames = next_frames
-            self.dispatch_queue(stream, frames)
+            self._serve_shell(stream, frames)
         return dispatcher
 
     # -- sending --------------------------------------------------------------------
@@ -264,6 +265,9 @@ class Kernel:
     def dispatch_queue(self, stream: Any, frames: list) -> None:
         """Handle one shell message, after serving every waiting control message."""
         self.serve_control()
+        self._serve_shell(stream, frames)
+
+    def _serve_shell(self, stream: Any, frames: list) -> None:
         unpacked = self._unpack(frames, "shell")
         if unpacked is None:
             return

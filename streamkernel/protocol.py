@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import json.encoder as _json_encoder
 import os
+import random
 import re
+import time
 from datetime import datetime
 from typing import Any
 
@@ -60,16 +62,33 @@ def topic(int_id: int, kind: str) -> bytes:
     return b"engine.%d.%s" % (int_id, kind.encode("ascii"))
 
 
+#: Source of message ids: seeded from os.urandom, reseeded in forked children, and
+#: private, so user code seeding the random module cannot make ids repeat.
+_ids = random.Random()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_ids.seed)
+_UUID4_CLEAR = ~((0xC000 << 48) | (0xF000 << 64))
+_UUID4_SET = (0x8000 << 48) | (4 << 76)
+
+
 def new_id() -> str:
-    """Return a fresh message id (a random uuid4 string)."""
-    h = os.urandom(16).hex()
-    variant = 8 | (int(h[16], 16) & 3)
-    return "%s-%s-4%s-%x%s-%s" % (h[:8], h[8:12], h[13:16], variant, h[17:20], h[20:])
+    """Return a fresh message id (a random uuid4 string), without a system call."""
+    h = (_ids.getrandbits(128) & _UUID4_CLEAR | _UUID4_SET).to_bytes(16, "big").hex()
+    return "%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
+
+
+_second: tuple[int, str] = (-1, "")  # the last second formatted, as (seconds, text)
 
 
 def now() -> str:
-    """The current local time in :data:`DATE_FORMAT`."""
-    return datetime.now().isoformat(timespec="microseconds")
+    """The current local time in :data:`DATE_FORMAT` (formatted once per second)."""
+    global _second
+    ns = time.time_ns()
+    seconds = ns // 1_000_000_000
+    second = _second
+    if second[0] != seconds:
+        second = _second = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S.", time.localtime(seconds)))
+    return "%s%06d" % (second[1], ns // 1000 % 1_000_000)
 
 
 def msg_header(msg_id: str, msg_type: str, username: str, session: str) -> dict[str, Any]:
@@ -154,14 +173,21 @@ def extract_dates(obj: Any) -> Any:
     return root
 
 
-_decode = json.JSONDecoder().decode
+_decoder = json.JSONDecoder()
+_decode, _scan = _decoder.decode, _decoder.scan_once
 
 
 def unpack(data: bytes | memoryview | str) -> Any:
     """Unpack JSON bytes; date strings stay strings (see :func:`extract_dates`)."""
-    if not isinstance(data, str):
-        data = bytes(data).decode("utf-8")
-    return _decode(data)
+    text = data if isinstance(data, str) else (
+        data if isinstance(data, bytes) else bytes(data)).decode("utf-8")
+    try:  # compact JSON, as peers send it: one scan
+        obj, end = _scan(text, 0)
+        if end == len(text):
+            return obj
+    except StopIteration:
+        pass
+    return _decode(text)  # whitespace around the value, or an error to raise
 
 
 __all__ = [

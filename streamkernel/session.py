@@ -7,7 +7,7 @@ A message on the wire is one ZeroMQ multipart message::
 ``signature`` is the hex HMAC (MD5 by default, SHA-256 on request) of header,
 parent_header and content, keyed by the exec key; buffers are not signed. With
 an empty key the signature is empty and nothing is checked. A signature seen
-before is rejected (replay), from a capped history. Nothing is unpacked before
+before is rejected (replay), from a bounded history. Nothing is unpacked before
 its signature checks out.
 """
 from __future__ import annotations
@@ -54,8 +54,9 @@ class Session:
     signature_scheme : str
         ``"hmac-md5"`` (what legacy peers use) or ``"hmac-sha256"``.
     digest_history_size : int
-        How many signatures are remembered to reject replays; the oldest go first.
-        Each costs about 70 bytes (a hash of it is kept, not the signature).
+        At least this many of the latest signatures are remembered to reject replays
+        (at most twice as many: the history is two generations of this size, and the
+        older one is forgotten whole). A hash of each is kept, about 50 bytes.
     parse_dates : bool
         Turn date strings of received headers and contents into datetimes, as
         legacy peers did. The engine leaves them as strings and echoes them as received.
@@ -63,7 +64,7 @@ class Session:
 
     def __init__(self, key: bytes | str = b"", *, session: str | None = None,
                  username: str = protocol.USERNAME, signature_scheme: str = "hmac-md5",
-                 digest_history_size: int = 1 << 15, parse_dates: bool = True) -> None:
+                 digest_history_size: int = 1 << 14, parse_dates: bool = True) -> None:
         if isinstance(key, str):
             key = key.encode("utf-8")
         if signature_scheme not in _DIGESTS:
@@ -77,10 +78,10 @@ class Session:
         self.username = username
         self.signature_scheme = signature_scheme
         self.parse_dates = parse_dates
-        self._auth = hmac.new(key, digestmod=_DIGESTS[signature_scheme]) if key else None
+        self._auth = _Hmac(key, _DIGESTS[signature_scheme]) if key else None
         self.digest_history_size = digest_history_size
         self._digests: set[int] = set()
-        self._digest_order: deque[int] = deque()
+        self._old_digests: set[int] = set()
         self.none = protocol.pack({})
 
     # -- building -----------------------------------------------------------------
@@ -119,19 +120,15 @@ class Session:
         """Return the hex HMAC of ``parts`` (header, parent, content); ``b''`` without a key."""
         if self._auth is None:
             return b""
-        h = self._auth.copy()
-        for part in parts:
-            h.update(part)
-        return h.hexdigest().encode("ascii")
+        return self._auth.hexdigest(parts)
 
     def _remember(self, signature: bytes) -> None:
         digest = hash(signature)  # a replay has the same bytes, so the same hash
-        if digest in self._digests:
+        if digest in self._digests or digest in self._old_digests:
             raise DuplicateSignature("duplicate signature (replayed message)")
         self._digests.add(digest)
-        self._digest_order.append(digest)
-        if len(self._digest_order) > self.digest_history_size:
-            self._digests.discard(self._digest_order.popleft())
+        if len(self._digests) >= self.digest_history_size:
+            self._old_digests, self._digests = self._digests, set()
 
     # -- serializing --------------------------------------------------------------
 
@@ -275,6 +272,34 @@ class Session:
         return idents, self.deserialize(rest, content=content, copy=copy)
 
 
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+
+
+class _Hmac:
+    """HMAC (RFC 2104) from two keyed hash states copied per message: the same digest as
+    :func:`hmac.new`, with less setup per message than a copy of an HMAC object."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes, digest: Callable[..., Any]) -> None:
+        block = digest().block_size
+        if len(key) > block:
+            key = digest(key).digest()
+        key = key.ljust(block, b"\0")
+        self._inner = digest(key.translate(_IPAD))
+        self._outer = digest(key.translate(_OPAD))
+
+    def hexdigest(self, parts: Sequence[bytes]) -> bytes:
+        """The hex digest of the concatenated ``parts``, as ASCII bytes."""
+        inner = self._inner.copy()
+        for part in parts:
+            inner.update(part)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest().encode("ascii")
+
+
 _raw_send = zmq.backend.Socket.send
 _consume: Callable[[Any], None] = deque(maxlen=0).extend
 _raw_recv = zmq.backend.Socket.recv
@@ -286,9 +311,15 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
 
-def recv_frames(socket: zmq.Socket, copy: bool = False) -> list[Any] | None:
-    """Receive one multipart message without waiting; None when nothing is queued."""
-    if not int(_raw_get(socket, _EVENTS)) & _POLLIN:  # cheaper than a recv raising EAGAIN
+def recv_frames(socket: zmq.Socket, copy: bool = False, check: bool = True
+                ) -> list[Any] | None:
+    """Receive one multipart message without waiting; None when nothing is queued.
+
+    ``check`` first asks the socket whether a message waits, which is cheaper than a
+    receive that finds none; without it the receive is tried at once, which is
+    cheaper when one is likely to wait.
+    """
+    if check and not int(_raw_get(socket, _EVENTS)) & _POLLIN:
         return None
     try:
         frames = [_raw_recv(socket, _NOBLOCK, copy)]

@@ -92,6 +92,16 @@ def test_sign_matches_an_independent_hmac(scheme: str, digestmod: Any) -> None:
     assert msg["content"] == {"code": "1"}
 
 
+@pytest.mark.parametrize("key", [b"k", b"x" * 64, b"y" * 65, b"z" * 200, bytes(range(256))])
+@pytest.mark.parametrize("scheme, digestmod", [("hmac-md5", hashlib.md5),
+                                               ("hmac-sha256", hashlib.sha256)])
+def test_sign_matches_hmac_for_keys_shorter_and_longer_than_a_block(
+        key: bytes, scheme: str, digestmod: Any) -> None:
+    s = Session(key, signature_scheme=scheme)
+    for parts in ([b"", b"", b""], [b"h" * 300, b"{}", b"c" * 70000]):
+        assert s.sign(parts) == hmac.new(key, b"".join(parts), digestmod).hexdigest().encode()
+
+
 def test_schemes_do_not_verify_each_other() -> None:
     frames = wire(Session(KEY, signature_scheme="hmac-sha256"))
     with pytest.raises(InvalidSignature):
@@ -198,18 +208,19 @@ def test_invalid_signature_is_not_remembered() -> None:
     assert receiver.deserialize(rest)["content"] == {"code": "1"}
 
 
-def test_digest_history_is_capped_oldest_first() -> None:
+def test_digest_history_keeps_the_latest_and_forgets_the_oldest() -> None:
     size = 5
     sender, receiver = Session(KEY), Session(KEY, digest_history_size=size)
-    messages = [after_delim(wire(sender, content={"i": i})) for i in range(size + 3)]
+    messages = [after_delim(wire(sender, content={"i": i})) for i in range(2 * size + 3)]
     for m in messages:
         receiver.deserialize(m)
-    # the newest `size` are remembered, the 3 oldest were dropped
-    for m in messages[-size:]:
+    # the newest `size` are always remembered (here also the generation before them) ...
+    for m in messages[size:]:
         with pytest.raises(DuplicateSignature):
             receiver.deserialize(m)
-    for m in messages[:3]:
-        assert receiver.deserialize(m)["content"]["i"] in (0, 1, 2)
+    # ... and what is older than two generations is forgotten
+    for m in messages[:size]:
+        assert receiver.deserialize(m)["content"]["i"] in range(size)
 
 
 def test_digest_history_memory_is_bounded() -> None:
@@ -217,8 +228,7 @@ def test_digest_history_memory_is_bounded() -> None:
     sender, receiver = Session(KEY), Session(KEY, digest_history_size=size)
     for i in range(20 * size):
         receiver.deserialize(after_delim(wire(sender, content={"i": i})))
-    assert len(receiver._digests) <= size
-    assert len(receiver._digest_order) <= size
+        assert len(receiver._digests) < size and len(receiver._old_digests) <= size
 
 
 # -- malformed --------------------------------------------------------------------------
