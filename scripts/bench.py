@@ -205,6 +205,7 @@ def measure_rate(run: Run, n: int, apply: bool, echo: bool) -> dict[str, Any]:
         if k.endswith("_per_s"):
             out[k] = round(out[k], 1)
     if echo:
+        run.echo(1 << 10)  # warm up: the first by-value function imports dill
         out.update(run.echo(1 << 20))
         out.update(run.echo(100 << 20))
     return out

@@ -118,6 +118,7 @@ class Kernel:
         self._watcher = ControlWatcher(self, shutdown_grace=shutdown_grace)
         self._parent: dict[str, Any] | bytes = {}
         self._iopub_socket = getattr(iopub_stream, "socket", iopub_stream)
+        self._pyin_topic = self._topic(protocol.PYIN)
         self.shell_handlers: dict[str, Handler] = {
             t: getattr(self, t) for t in protocol.SHELL_REQUESTS}
         self.control_handlers: dict[str, Handler] = {
@@ -176,15 +177,17 @@ class Kernel:
             # serve what else is already queued without a loop round trip per message;
             # control is served before each shell message is taken off its socket
             self.serve_control()
+            waiting: list | None = frames
             for _ in range(_BATCH):
-                self._serve_shell(stream, frames)
+                if waiting is None:
+                    return
+                self._serve_shell(stream, waiting)
                 if stream.closed() or self.shutting_down:
                     return
                 self.serve_control()  # before taking the next one, which an abort may cover
-                frames = recv_frames(socket, check=False)
-                if frames is None:
-                    return
-            self._serve_shell(stream, frames)
+                waiting = recv_frames(socket, check=False)
+            if waiting is not None:
+                self._serve_shell(stream, waiting)
         return dispatcher
 
     # -- sending --------------------------------------------------------------------
@@ -428,7 +431,7 @@ class Kernel:
             self._reply(stream, msg, self._message_error(
                 "execute_request content needs a string 'code'", "execute"), idents)
             return
-        self._publish(protocol.PYIN, {"code": code}, self._topic(protocol.PYIN))
+        self._publish(protocol.PYIN, {"code": code}, self._pyin_topic)
         started = protocol.now()
         try:
             self._run_user(msg["msg_id"], self._run_code, code)

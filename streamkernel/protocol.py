@@ -174,7 +174,7 @@ def extract_dates(obj: Any) -> Any:
 
 
 _decoder = json.JSONDecoder()
-_decode, _scan = _decoder.decode, _decoder.scan_once
+_decode, _scan = _decoder.decode, _decoder.scan_once  # type: ignore[attr-defined]
 
 
 def unpack(data: bytes | memoryview | str) -> Any:

@@ -17,7 +17,7 @@ import hmac
 import logging
 from collections import deque
 from itertools import repeat
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Iterable, Sequence, Union
 
 import zmq
 
@@ -183,8 +183,8 @@ class Session:
             frames.extend(buffers)
         if track:
             msg["tracker"] = stream.send_multipart(frames, copy=False, track=True)
-        else:
-            send_frames(stream, frames)
+        else:  # without buffers, all frames are routing ids and small JSON: copied
+            send_frames(stream, frames, copy=not buffers)
         return msg
 
     # -- receiving ----------------------------------------------------------------
@@ -334,22 +334,28 @@ def recv_frames(socket: zmq.Socket, copy: bool = False, check: bool = True
 COPY_THRESHOLD = 65536
 
 
-def send_frames(socket: Any, frames: Sequence[Any]) -> None:
+def send_frames(socket: Any, frames: Sequence[Any], copy: bool | None = None) -> None:
     """Send ``frames`` as one multipart message on a socket or ZMQStream.
 
     On a socket, small bytes frames are copied and everything else (large bytes,
-    memoryviews, arrays, zmq.Frame) is sent without copying. A ZMQStream queues the
-    message for its loop.
+    memoryviews, arrays, zmq.Frame) is sent without copying; ``copy=True`` copies
+    every frame. A ZMQStream queues the message for its loop.
     """
     if not isinstance(socket, zmq.backend.Socket):
         socket.send_multipart(frames, copy=False)
         return
     n = len(frames)
-    flags = [_SNDMORE] * (n - 1) + [0]
-    copies = [type(frame) is bytes and len(frame) < COPY_THRESHOLD for frame in frames]
+    flags = _FLAGS[n] if n < len(_FLAGS) else [_SNDMORE] * (n - 1) + [0]
+    copies: Iterable[bool] = repeat(True, n) if copy else [
+        type(frame) is bytes and len(frame) < COPY_THRESHOLD for frame in frames]
     # One C-level loop: no bytecode runs between the frames, so an interrupt raised in
     # this thread (KeyboardInterrupt) cannot leave half a message on the socket.
     _consume(map(_raw_send, repeat(socket, n), frames, flags, copies))
+
+
+#: send flags of a message of n frames
+_FLAGS = [(_SNDMORE,) * (n - 1) + (0,) for n in range(1, 17)]
+_FLAGS.insert(0, ())
 
 
 def _check_buffer(buf: Any) -> None:
