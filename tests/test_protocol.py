@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import uuid
+import warnings
 from datetime import datetime
 
 import pytest
@@ -48,6 +50,39 @@ def test_new_id_is_a_fresh_uuid4() -> None:
     ids = {protocol.new_id() for _ in range(100)}
     assert len(ids) == 100
     assert all(uuid.UUID(i).version == 4 for i in ids)
+
+
+def test_new_ids_do_not_follow_the_random_module() -> None:
+    import random
+    random.seed(42)
+    first = protocol.new_id()
+    random.seed(42)
+    assert protocol.new_id() != first  # user code seeding random cannot make ids repeat
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_new_ids_differ_in_a_forked_child() -> None:
+    read, write = os.pipe()
+    with warnings.catch_warnings():  # the child only writes and leaves: no lock is needed
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: its next id, then leave at once
+        os.write(write, protocol.new_id().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert uuid.UUID(child).version == 4
+    assert child != protocol.new_id()
+
+
+def test_now_is_the_local_time_in_the_legacy_format() -> None:
+    before = datetime.now()
+    stamp = protocol.now()
+    after = datetime.now()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}", stamp)
+    assert before.replace(microsecond=0) <= datetime.strptime(stamp, protocol.DATE_FORMAT) <= after
 
 
 def test_msg_header_fields() -> None:
@@ -173,10 +208,18 @@ def test_pack_unpack_round_trip() -> None:
     assert unpack(pack(obj)) == obj
 
 
+def test_unpack_accepts_whitespace_around_the_value() -> None:
+    assert unpack(b' \n{"a": [1, 2]}\t ') == {"a": [1, 2]}
+    assert unpack(b'{"a":1}\n') == {"a": 1}
+
+
 @pytest.mark.parametrize("data, error", [
     (b"not json", ValueError),
     (b"", ValueError),
+    (b"   ", ValueError),
     (b'{"a":', ValueError),
+    (b'{"a":1} {"b":2}', ValueError),
+    (b'{"a":1}x', ValueError),
     (b"\xff\xfe", UnicodeDecodeError),
 ])
 def test_unpack_errors(data: bytes, error: type) -> None:

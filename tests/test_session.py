@@ -5,6 +5,7 @@ import glob
 import hashlib
 import hmac
 import os
+import time
 from datetime import datetime
 from typing import Any, Callable
 
@@ -15,7 +16,7 @@ from streamkernel import protocol
 from streamkernel.errors import (DuplicateSignature, InvalidSignature, MalformedMessage,
                                  MessageError, UnsignedMessage)
 from streamkernel.protocol import DELIM
-from streamkernel.session import Session
+from streamkernel.session import Session, recv_frames, send_frames
 
 from .harness import CAPTURES, KEY
 
@@ -418,6 +419,28 @@ def test_recv_copy_false_returns_frames(pair: tuple[zmq.Socket, zmq.Socket]) -> 
     msg = receiver.deserialize(rest, copy=False)
     assert msg["content"] == {"n": 2}
     assert bytes(msg["buffers"][0].buffer) == data
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_recv_frames_takes_whole_messages_and_none_when_empty(
+        pair: tuple[zmq.Socket, zmq.Socket], check: bool) -> None:
+    a, b = pair
+    assert recv_frames(b, check=check) is None
+    data = os.urandom(100_000)
+    send_frames(a, [b"id", DELIM, b"sig", b"{}", b"{}", b"{}", data])
+    send_frames(a, [b"second"], copy=True)
+    deadline = time.monotonic() + 5
+    first = None
+    while first is None and time.monotonic() < deadline:
+        first = recv_frames(b, check=check)
+    assert first is not None and [bytes(f.buffer) for f in first[:6]] == [
+        b"id", DELIM, b"sig", b"{}", b"{}", b"{}"]
+    assert first[6].bytes == data
+    second = None
+    while second is None and time.monotonic() < deadline:
+        second = recv_frames(b, copy=True, check=check)
+    assert second == [b"second"]
+    assert recv_frames(b, check=check) is None
 
 
 def test_recv_raises_message_error_for_a_forgery(pair: tuple[zmq.Socket, zmq.Socket]) -> None:
