@@ -337,6 +337,11 @@ class Kernel:
         msg_ids = msg["content"].get("msg_ids")
         if isinstance(msg_ids, str):
             msg_ids = [msg_ids]
+        if msg_ids is not None and not (isinstance(msg_ids, list) and all(
+                isinstance(m, (str, int)) for m in msg_ids)):
+            self._reply(stream, msg, self._message_error(
+                "abort_request msg_ids must be a list of message ids", "abort"), idents)
+            return
         if not msg_ids:
             self.abort_queues()
         else:
@@ -354,6 +359,13 @@ class Kernel:
 
     def shutdown_request(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
         """Abort what is queued, reply, then shut down after ``shutdown_delay``."""
+        try:
+            self.answer_shutdown(stream, idents, msg)
+        finally:  # shut down even when the reply could not be sent
+            self._schedule_shutdown()
+
+    def answer_shutdown(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
+        """Stop serving, answer what is queued as aborted and reply; the caller shuts down."""
         self.log.info("shutdown requested by %s", msg["header"].get("session", "?"))
         self.shutting_down = True
         try:
@@ -361,10 +373,8 @@ class Kernel:
         except Exception:
             content = error_content(self._engine_info("shutdown"))
         else:
-            content = dict(msg["content"])
-            content[protocol.STATUS] = protocol.OK
+            content = _shutdown_reply(msg["content"])
         self._reply(stream, msg, content, idents)
-        self._schedule_shutdown()
 
     def _schedule_shutdown(self) -> None:
         self.loop.call_later(self.shutdown_delay, self._finish_shutdown)
@@ -558,6 +568,20 @@ class Kernel:
         content = error_content(self._engine_info(method), (etype, evalue, tb))
         self._publish(protocol.PYERR, content, self._topic(protocol.PYERR))
         return content
+
+
+def _shutdown_reply(request: dict[str, Any]) -> dict[str, Any]:
+    """The request's content with ``status: ok`` (as legacy engines answered), or just
+    the status and ``restart`` when the content cannot be sent back."""
+    content = dict(request)
+    content[protocol.STATUS] = protocol.OK
+    try:
+        protocol.pack(content)
+    except (TypeError, ValueError, RecursionError):
+        content = {protocol.STATUS: protocol.OK}
+        if isinstance(request.get("restart"), bool):
+            content["restart"] = request["restart"]
+    return content
 
 
 @functools.lru_cache(maxsize=64)

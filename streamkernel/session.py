@@ -65,8 +65,7 @@ class Session:
     def __init__(self, key: bytes | str = b"", *, session: str | None = None,
                  username: str = protocol.USERNAME, signature_scheme: str = "hmac-md5",
                  digest_history_size: int = 1 << 14, parse_dates: bool = True) -> None:
-        if isinstance(key, str):
-            key = key.encode("utf-8")
+        key = key.encode("utf-8") if isinstance(key, str) else bytes(key)
         if signature_scheme not in _DIGESTS:
             raise ValueError("signature_scheme must be one of %s, not %r"
                              % (", ".join(_DIGESTS), signature_scheme))

@@ -74,25 +74,21 @@ class ControlWatcher(threading.Thread):
             idents, msg = unpacked
             msg_type = msg["msg_type"]
             if msg_type == protocol.ABORT_REQUEST:
-                kernel.abort_request(stream.socket, idents, msg)
+                kernel._handle(stream.socket, idents, msg, {msg_type: kernel.abort_request})
             elif msg_type == protocol.SHUTDOWN_REQUEST:
-                self._shutdown(stream, idents, msg)
+                kernel._handle(stream.socket, idents, msg, {msg_type: self._shutdown})
             else:  # needs the kernel's thread: served before the next shell request
                 kernel.deferred_control.append((stream, idents, msg, kernel.control_handlers))
                 kernel.loop.add_callback(kernel.serve_control)
 
-    def _shutdown(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
+    def _shutdown(self, socket: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
         kernel = self.kernel
-        log.info("shutdown requested by %s while a request runs",
-                 msg["header"].get("session", "?"))
-        kernel.shutting_down = True
-        kernel.abort_queues()
-        content = dict(msg["content"])
-        content[protocol.STATUS] = protocol.OK
-        kernel._reply(stream.socket, msg, content, idents)
-        kernel.interrupt("engine shutting down")
-        kernel.loop.add_callback(kernel._schedule_shutdown)
-        self._shutdown_at = time.monotonic()
+        try:
+            kernel.answer_shutdown(socket, idents, msg)
+        finally:  # the running code is interrupted and the engine shuts down regardless
+            kernel.interrupt("engine shutting down")
+            kernel.loop.add_callback(kernel._schedule_shutdown)
+            self._shutdown_at = time.monotonic()
 
     def _check_stuck_shutdown(self) -> None:
         if self._shutdown_at is None:

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from streamkernel import protocol
+from streamkernel.kernel import _shutdown_reply
 from streamkernel.serialize import deserialize_object, interactive, pack_apply_message
 
 from .harness import CLIENT_ID, ENGINE_ID
@@ -200,6 +201,59 @@ def test_shutdown_while_running_replies_at_once_and_aborts_queue(harness):
     assert replies[running["msg_id"]]["content"]["ename"] == "KeyboardInterrupt"
     assert harness.shutdown_called.wait(5)
     assert time.monotonic() - t0 < 15
+
+
+@pytest.mark.parametrize("running", [False, True])
+@pytest.mark.parametrize("msg_ids", [5, True, 1.5, {"a": 1}, [["x"]], [None]])
+def test_abort_with_unusable_msg_ids_gets_an_error_reply(harness, running, msg_ids):
+    if running:  # answered by the control thread
+        harness.request("execute_request", {"code": "import time; time.sleep(0.4)"})
+        time.sleep(0.15)
+    harness.request("abort_request", {"msg_ids": msg_ids}, kind="control")
+    _, r = harness.recv("control")
+    assert r["msg_type"] == "abort_reply"
+    assert r["content"]["status"] == "error" and r["content"]["ename"] == "MessageError"
+    assert "msg_ids" in r["content"]["evalue"]
+    if running:
+        _, r = harness.recv()
+        assert r["content"] == {"status": "ok"}  # the running request was left alone
+    _, r = execute(harness, "1")
+    assert r["content"] == {"status": "ok"}
+
+
+def test_shutdown_reply_echoes_content_or_falls_back_to_status_and_restart():
+    assert _shutdown_reply({"restart": True, "x": [1]}) == {"restart": True, "x": [1],
+                                                           "status": "ok"}
+    deep: dict = {"restart": False}
+    node = deep
+    for _ in range(100_000):  # too deep to encode
+        node["x"] = {}
+        node = node["x"]
+    assert _shutdown_reply(deep) == {"restart": False, "status": "ok"}
+    assert _shutdown_reply({"restart": "yes", "n": object()}) == {"status": "ok"}
+
+
+@pytest.mark.parametrize("running", [False, True])
+def test_shutdown_goes_on_when_its_reply_cannot_be_sent(harness, running, monkeypatch):
+    if running:  # answered by the control thread
+        harness.request("execute_request", {"code": "import time\nfor i in range(3000): time.sleep(0.01)"})
+        time.sleep(0.3)
+    kernel = harness.kernel
+    reply = kernel._reply
+    failed = []
+
+    def failing_reply(stream, parent, content, *args, **kwargs):
+        if parent["msg_type"] == "shutdown_request" and not failed:
+            failed.append(parent["msg_id"])
+            raise OSError("cannot send")
+        return reply(stream, parent, content, *args, **kwargs)
+
+    monkeypatch.setattr(kernel, "_reply", failing_reply)
+    harness.request("shutdown_request", {"restart": False}, kind="control")
+    _, r = harness.recv("control")  # the error reply that followed the failed one
+    assert r["msg_type"] == "shutdown_reply" and r["content"]["status"] == "error"
+    assert failed
+    assert harness.shutdown_called.wait(10)
 
 
 def test_control_clear_during_a_long_request_waits_for_it(harness):
