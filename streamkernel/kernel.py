@@ -177,17 +177,16 @@ class Kernel:
             # serve what else is already queued without a loop round trip per message;
             # control is served before each shell message is taken off its socket
             self.serve_control()
-            waiting: list | None = frames
             for _ in range(_BATCH):
-                if waiting is None:
-                    return
-                self._serve_shell(stream, waiting)
+                self._serve_shell(stream, frames)
                 if stream.closed() or self.shutting_down:
                     return
                 self.serve_control()  # before taking the next one, which an abort may cover
-                waiting = recv_frames(socket, check=False)
-            if waiting is not None:
-                self._serve_shell(stream, waiting)
+                next_frames = recv_frames(socket, check=False)
+                if next_frames is None:
+                    return
+                frames = next_frames
+            self._serve_shell(stream, frames)
         return dispatcher
 
     # -- sending --------------------------------------------------------------------
@@ -360,11 +359,11 @@ class Kernel:
     def shutdown_request(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
         """Abort what is queued, reply, then shut down after ``shutdown_delay``."""
         try:
-            self.answer_shutdown(stream, idents, msg)
+            self._answer_shutdown(stream, idents, msg)
         finally:  # shut down even when the reply could not be sent
             self._schedule_shutdown()
 
-    def answer_shutdown(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
+    def _answer_shutdown(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
         """Stop serving, answer what is queued as aborted and reply; the caller shuts down."""
         self.log.info("shutdown requested by %s", msg["header"].get("session", "?"))
         self.shutting_down = True

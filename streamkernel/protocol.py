@@ -179,8 +179,7 @@ _decode, _scan = _decoder.decode, _decoder.scan_once  # type: ignore[attr-define
 
 def unpack(data: bytes | memoryview | str) -> Any:
     """Unpack JSON bytes; date strings stay strings (see :func:`extract_dates`)."""
-    text = data if isinstance(data, str) else (
-        data if isinstance(data, bytes) else bytes(data)).decode("utf-8")
+    text = data if isinstance(data, str) else bytes(data).decode("utf-8")
     try:  # compact JSON, as peers send it: one scan
         obj, end = _scan(text, 0)
         if end == len(text):

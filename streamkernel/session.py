@@ -344,17 +344,12 @@ def send_frames(socket: Any, frames: Sequence[Any], copy: bool | None = None) ->
         socket.send_multipart(frames, copy=False)
         return
     n = len(frames)
-    flags = _FLAGS[n] if n < len(_FLAGS) else [_SNDMORE] * (n - 1) + [0]
+    flags = [_SNDMORE] * (n - 1) + [0]
     copies: Iterable[bool] = repeat(True, n) if copy else [
         type(frame) is bytes and len(frame) < COPY_THRESHOLD for frame in frames]
     # One C-level loop: no bytecode runs between the frames, so an interrupt raised in
     # this thread (KeyboardInterrupt) cannot leave half a message on the socket.
     _consume(map(_raw_send, repeat(socket, n), frames, flags, copies))
-
-
-#: send flags of a message of n frames
-_FLAGS = [(_SNDMORE,) * (n - 1) + (0,) for n in range(1, 17)]
-_FLAGS.insert(0, ())
 
 
 def _check_buffer(buf: Any) -> None:

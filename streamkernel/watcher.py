@@ -84,7 +84,7 @@ class ControlWatcher(threading.Thread):
     def _shutdown(self, socket: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
         kernel = self.kernel
         try:
-            kernel.answer_shutdown(socket, idents, msg)
+            kernel._answer_shutdown(socket, idents, msg)
         finally:  # the running code is interrupted and the engine shuts down regardless
             kernel.interrupt("engine shutting down")
             kernel.loop.add_callback(kernel._schedule_shutdown)

@@ -93,6 +93,12 @@ def test_sign_matches_an_independent_hmac(scheme: str, digestmod: Any) -> None:
     assert msg["content"] == {"code": "1"}
 
 
+def test_str_and_bytes_like_keys_sign_as_their_bytes() -> None:
+    expected = Session(KEY).sign([b"h", b"p", b"c"])
+    for key in (KEY.decode(), bytearray(KEY), memoryview(KEY)):
+        assert Session(key).sign([b"h", b"p", b"c"]) == expected
+
+
 @pytest.mark.parametrize("key", [b"k", b"x" * 64, b"y" * 65, b"z" * 200, bytes(range(256))])
 @pytest.mark.parametrize("scheme, digestmod", [("hmac-md5", hashlib.md5),
                                                ("hmac-sha256", hashlib.sha256)])
