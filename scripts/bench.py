@@ -9,7 +9,10 @@ The floor (``bench.py floor --config FILE``) is a blocking pyzmq loop that does
 only what the protocol requires per request: split identities, verify the
 signature, parse header and content, build, sign and send the reply. An apply
 request's data frames go back as the result without a copy, so its echo is the
-transport's own speed on this machine.
+transport's own speed on this machine. The transport (``bench.py floor --bare``)
+registers and heartbeats like the floor but sends every message back as it came:
+the most requests per second any engine could answer here, and so the highest
+ratio to the legacy engine that a run can show.
 """
 from __future__ import annotations
 
@@ -38,8 +41,9 @@ DELIM = b"<IDS|MSG>"
 
 # -- the floor --------------------------------------------------------------------------
 
-def floor(config_path: str) -> int:
-    """A minimal engine: register, echo heartbeats, answer every request 'ok'."""
+def floor(config_path: str, bare: bool = False) -> int:
+    """A minimal engine: register, echo heartbeats, answer every request 'ok'
+    (``bare``: send every request back untouched)."""
     import threading
 
     with open(config_path) as f:
@@ -81,6 +85,9 @@ def floor(config_path: str) -> int:
         pong.connect(content["heartbeat"][1])
         zmq.proxy(ping, pong)
     threading.Thread(target=heart, daemon=True).start()
+    if bare:
+        while True:
+            shell.send_multipart(shell.recv_multipart(copy=False), copy=False)
 
     # the result of an echo: a pickle whose one object is the next out-of-band frame
     echo_head = pickle.dumps(pickle.PickleBuffer(b""), protocol=5, buffer_callback=lambda b: False)
@@ -244,18 +251,21 @@ def measure_memory(run: Run, big: int, apply: bool) -> dict[str, Any]:
     return out
 
 
-Engines = Dict[str, Tuple[List[str], Optional[Dict[str, str]], bool]]
+Engines = Dict[str, Tuple[List[str], Optional[Dict[str, str]]]]
+#: engines that answer apply requests (and echo their data); engines whose memory counts
+APPLY, MEMORY = ("ours", "floor"), ("ours", "legacy")
 
 
 def engines(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Engines:
-    """name -> (command, environment, whether it serves native apply requests)."""
+    """name -> (command, environment)."""
     py3 = py3_env()
+    floor_cmd = [sys.executable, "-E", os.path.abspath(__file__), "floor", "--config", "{config}"]
     found = {
         "ours": (args.engine.split() if args.engine else
                  [sys.executable, "-E", "-m", "streamkernel", "--config", "{config}",
-                  "--log-level", "WARNING"], py3, True),
-        "floor": ([sys.executable, "-E", os.path.abspath(__file__), "floor", "--config",
-                   "{config}"], py3, False),
+                  "--log-level", "WARNING"], py3),
+        "floor": (floor_cmd, py3),
+        "transport": (floor_cmd + ["--bare"], py3),
     }
     if args.legacy:
         env = read_legacy_env(args.legacy)
@@ -265,7 +275,7 @@ def engines(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Engine
                           IPYTHONDIR=tempfile.mkdtemp(prefix="bench-ipdir-"))
         script = os.path.join(env["LEGACY_IPYTHON"], "IPython", "parallel", "scripts", "ipengine")
         found["legacy"] = ([env["PY2"], "-W", "ignore", script, "--file={config}",
-                            "--log-level=40"], legacy_env, False)
+                            "--log-level=40"], legacy_env)
     return found
 
 
@@ -274,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="mode")
     fl = sub.add_parser("floor", help="run the protocol floor engine (used by the benchmark)")
     fl.add_argument("--config", required=True)
+    fl.add_argument("--bare", action="store_true",
+                    help="send every message back untouched (the transport alone)")
     parser.add_argument("--legacy", metavar="DIR", default=None,
                         help="legacy environment (setup.sh DIR) to benchmark the 0.11 engine")
     parser.add_argument("--engine", default=None,
@@ -286,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests for the RSS-growth measurement (default 100000)")
     args = parser.parse_args(argv)
     if args.mode == "floor":
-        return floor(args.config)
+        return floor(args.config, args.bare)
 
     todo = engines(args, parser)
     rates: dict[str, list[dict[str, Any]]] = {name: [] for name in todo}
@@ -294,31 +306,34 @@ def main(argv: list[str] | None = None) -> int:
                               "requests": args.requests}
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
         for _ in range(args.rounds):
-            for name, (cmd, env, apply) in todo.items():
+            for name, (cmd, env) in todo.items():
                 run = Run(name, cmd, env, workdir)
                 try:
-                    rates[name].append(measure_rate(run, args.requests, apply or name == "floor",
-                                                    echo=apply or name == "floor"))
+                    rates[name].append(measure_rate(run, args.requests, apply=name in APPLY,
+                                                    echo=name in APPLY))
                 finally:
                     run.close()
-        for name, (cmd, env, apply) in todo.items():
+        for name, (cmd, env) in todo.items():
             summary = {k: statistics.median(r[k] for r in rates[name]) for k in rates[name][0]}
-            if name != "floor":
+            if name in MEMORY:
                 run = Run(name, cmd, env, workdir)
                 try:
-                    summary.update(measure_memory(run, args.memory_requests, apply))
+                    summary.update(measure_memory(run, args.memory_requests, name == "ours"))
                 finally:
                     run.close()
             result[name] = summary
     ours = result["ours"]
-    ratio: Callable[[str, str], float] = lambda other, k: round(ours[k] / result[other][k], 2)
-    result["ratios"] = {"ours/floor": {k: ratio("floor", k) for k in
-                                       ("execute_w64_per_s", "execute_w1_per_s",
-                                        "apply_tiny_w64_per_s", "echo_100MB_MB_per_s",
-                                        "echo_100MB_array_MB_per_s") if k in ours}}
+    ratio: Callable[[str, str, str], float] = lambda a, b, k: round(
+        result[a][k] / result[b][k], 2)
+    execute = ("execute_w64_per_s", "execute_w1_per_s")
+    result["ratios"] = {
+        "ours/floor": {k: ratio("ours", "floor", k) for k in execute + (
+            "apply_tiny_w64_per_s", "echo_100MB_MB_per_s", "echo_100MB_array_MB_per_s")
+            if k in ours},
+        "ours/transport": {k: ratio("ours", "transport", k) for k in execute}}
     if "legacy" in result:
-        result["ratios"]["ours/legacy"] = {k: ratio("legacy", k) for k in
-                                           ("execute_w64_per_s", "execute_w1_per_s")}
+        for a in ("ours", "transport"):
+            result["ratios"][a + "/legacy"] = {k: ratio(a, "legacy", k) for k in execute}
     print(json.dumps(result, indent=1, sort_keys=True))
     return 0
 

@@ -498,6 +498,8 @@ class Kernel:
         self._pending_interrupt = False
         self.running_msg_id = msg_id
         self.running_since = time.monotonic()
+        if self._watcher.parked:  # this request may run long enough to need it
+            self._watcher.wake()
         self.socket_lock.release()
         try:
             return fn(*args)

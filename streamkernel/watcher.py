@@ -5,7 +5,8 @@ runs: then it releases ``Kernel.socket_lock`` and this watcher may take it. A
 request that has run for longer than ``delay`` seconds has its control socket
 served from here: ``abort_request`` and ``shutdown_request`` are answered at
 once (and interrupt the running request when they name it or shut the engine
-down); other control requests wait for the kernel's thread.
+down); other control requests wait for the kernel's thread. Between requests the
+watcher parks: an idle engine has no thread waking up to look.
 """
 from __future__ import annotations
 
@@ -37,16 +38,36 @@ class ControlWatcher(threading.Thread):
         self.shutdown_grace = shutdown_grace
         self._stopped = threading.Event()
         self._shutdown_at: float | None = None
+        #: True while waiting for the next request; the kernel's thread then calls wake()
+        self.parked = False
+        self._wake = threading.Event()
 
     def stop(self) -> None:
         """Stop watching (returns at once; the thread ends within ``interval``)."""
         self._stopped.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        """A request started (called by the kernel's thread when ``parked``)."""
+        self.parked = False
+        self._wake.set()
+
+    def _park(self) -> None:
+        self.parked = True
+        # the kernel's thread sets running_since before it looks at parked
+        if self.kernel.running_since is None and not self._stopped.is_set():
+            self._wake.wait()
+        self._wake.clear()
+        self.parked = False
 
     def run(self) -> None:
         kernel = self.kernel
         while not self._stopped.wait(self.interval):
             started = kernel.running_since
-            if started is None or time.monotonic() - started < self.delay:
+            if started is None:
+                self._park()
+                continue
+            if time.monotonic() - started < self.delay:
                 continue
             if not kernel.socket_lock.acquire(blocking=False):
                 continue

@@ -184,6 +184,24 @@ def test_abort_naming_the_running_request_interrupts_it_and_keeps_the_queue(harn
     assert r2["content"] == {"status": "ok"}
 
 
+def test_idle_watcher_parks_and_a_request_after_idle_wakes_it(harness):
+    watcher = harness.kernel._watcher
+    deadline = time.monotonic() + 5
+    while not watcher.parked and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert watcher.parked  # idle: the control thread waits without waking up
+    time.sleep(0.2)
+    assert watcher.parked and watcher.is_alive()
+    running = harness.request("execute_request", {"code": "import time\nfor i in range(3000): time.sleep(0.01)"})
+    time.sleep(0.3)
+    assert not watcher.parked
+    harness.request("abort_request", {"msg_ids": [running["msg_id"]]}, kind="control")
+    _, abort_reply = harness.recv("control")
+    _, r = harness.recv()
+    assert abort_reply["content"] == {"status": "ok"}
+    assert r["content"]["ename"] == "KeyboardInterrupt"
+
+
 def test_shutdown_while_running_replies_at_once_and_aborts_queue(harness):
     running = harness.request("execute_request", {"code": "import time\nfor i in range(3000): time.sleep(0.01)"})
     queued = harness.request("execute_request", {"code": "after = 1"})
