@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark engines side by side: ours, the legacy 0.11 engine, and a protocol floor.
+"""Benchmark engines side by side: ours, legacy 0.11, a protocol floor and the bare transport.
 
 A StubHub (the hub the tests use) plays the hub for one engine at a time. Engines
 are measured in alternation (A B C A B C ...) and the ratios ours/legacy and
@@ -22,6 +22,7 @@ import hmac
 import json
 import os
 import pickle
+import signal
 import statistics
 import subprocess
 import sys
@@ -129,8 +130,12 @@ class Run:
         cmd = [c.replace("{config}", config) for c in command]
         self.log = open(os.path.join(workdir, "%s.log" % name), "wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        self.eid = self.hub.register(timeout=30)
-        self.hub.wait_beating(self.eid, timeout=30)
+        try:
+            self.eid = self.hub.register(timeout=30)
+            self.hub.wait_beating(self.eid, timeout=30)
+        except BaseException:
+            self.close()
+            raise
         time.sleep(0.3)
         self.sock = self.hub.sockets["mux"]
 
@@ -256,11 +261,11 @@ Engines = Dict[str, Tuple[List[str], Optional[Dict[str, str]]]]
 APPLY, MEMORY = ("ours", "floor"), ("ours", "legacy")
 
 
-def engines(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Engines:
+def engines(args: argparse.Namespace, parser: argparse.ArgumentParser, workdir: str) -> Engines:
     """name -> (command, environment)."""
     py3 = py3_env()
     floor_cmd = [sys.executable, "-E", os.path.abspath(__file__), "floor", "--config", "{config}"]
-    found = {
+    found: Engines = {
         "ours": (args.engine.split() if args.engine else
                  [sys.executable, "-E", "-m", "streamkernel", "--config", "{config}",
                   "--log-level", "WARNING"], py3),
@@ -272,7 +277,7 @@ def engines(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Engine
         if env is None:
             parser.error("no legacy environment at %s" % args.legacy)
         legacy_env = dict(os.environ, PYTHONPATH=env["PYTHONPATH"],
-                          IPYTHONDIR=tempfile.mkdtemp(prefix="bench-ipdir-"))
+                          IPYTHONDIR=os.path.join(workdir, "ipython"))
         script = os.path.join(env["LEGACY_IPYTHON"], "IPython", "parallel", "scripts", "ipengine")
         found["legacy"] = ([env["PY2"], "-W", "ignore", script, "--file={config}",
                             "--log-level=40"], legacy_env)
@@ -300,11 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "floor":
         return floor(args.config, args.bare)
 
-    todo = engines(args, parser)
-    rates: dict[str, list[dict[str, Any]]] = {name: [] for name in todo}
+    # SIGTERM unwinds like Ctrl-C, so every engine started is killed on the way out
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     result: dict[str, Any] = {"python": sys.version.split()[0], "rounds": args.rounds,
                               "requests": args.requests}
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
+        todo = engines(args, parser, workdir)
+        rates: dict[str, list[dict[str, Any]]] = {name: [] for name in todo}
         for _ in range(args.rounds):
             for name, (cmd, env) in todo.items():
                 run = Run(name, cmd, env, workdir)

@@ -157,6 +157,8 @@ class Kernel:
         """Start receiving on the control and shell streams (from the loop's thread)."""
         self._thread_id = threading.get_ident()
         self.socket_lock.acquire()
+        if self._watcher.ident is not None:  # started before: a thread runs only once
+            self._watcher = ControlWatcher(self, shutdown_grace=self.shutdown_grace)
         self._watcher.start()
         if self.control_stream is not None:
             self.control_stream.on_recv(self.dispatch_control, copy=False)
@@ -164,11 +166,13 @@ class Kernel:
             stream.on_recv(self._dispatcher(stream), copy=False)
 
     def stop(self) -> None:
-        """Stop receiving; the streams stay open for the host to close."""
+        """Stop receiving (start() may follow); the streams stay open for the host to close."""
         self._watcher.stop()
         for stream in [self.control_stream] + self.shell_streams:
             if stream is not None and not stream.closed():
                 stream.stop_on_recv()
+        if self.running_since is None and self.socket_lock.locked():
+            self.socket_lock.release()
 
     def _dispatcher(self, stream: Any) -> Callable[[list], None]:
         socket = stream.socket

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 import pytest
@@ -195,6 +196,27 @@ def test_idle_watcher_parks_and_a_request_after_idle_wakes_it(harness):
     running = harness.request("execute_request", {"code": "import time\nfor i in range(3000): time.sleep(0.01)"})
     time.sleep(0.3)
     assert not watcher.parked
+    harness.request("abort_request", {"msg_ids": [running["msg_id"]]}, kind="control")
+    _, abort_reply = harness.recv("control")
+    _, r = harness.recv()
+    assert abort_reply["content"] == {"status": "ok"}
+    assert r["content"]["ename"] == "KeyboardInterrupt"
+
+
+def test_kernel_stopped_and_started_again_serves_and_is_watched(harness):
+    kernel, done = harness.kernel, threading.Event()
+
+    def restart():
+        kernel.stop()
+        kernel.stop()  # twice is harmless
+        kernel.start()
+        done.set()
+    harness.loop.add_callback(restart)
+    assert done.wait(5)
+    _, r = execute(harness, "restarted = 1")
+    assert r["content"] == {"status": "ok"}
+    running = harness.request("execute_request", {"code": "import time\nfor i in range(3000): time.sleep(0.01)"})
+    time.sleep(0.3)
     harness.request("abort_request", {"msg_ids": [running["msg_id"]]}, kind="control")
     _, abort_reply = harness.recv("control")
     _, r = harness.recv()
