@@ -185,6 +185,18 @@ def test_abort_naming_the_running_request_interrupts_it_and_keeps_the_queue(harn
     assert r2["content"] == {"status": "ok"}
 
 
+def assert_long_request_aborted(h, while_running=lambda: True):
+    """A long request is interrupted by an abort_request naming it (served by the watcher)."""
+    running = h.request("execute_request", {"code": "import time\nfor i in range(3000): time.sleep(0.01)"})
+    time.sleep(0.3)
+    assert while_running()
+    h.request("abort_request", {"msg_ids": [running["msg_id"]]}, kind="control")
+    _, abort_reply = h.recv("control")
+    _, r = h.recv()
+    assert abort_reply["content"] == {"status": "ok"}
+    assert r["content"]["ename"] == "KeyboardInterrupt"
+
+
 def test_idle_watcher_parks_and_a_request_after_idle_wakes_it(harness):
     watcher = harness.kernel._watcher
     deadline = time.monotonic() + 5
@@ -193,14 +205,7 @@ def test_idle_watcher_parks_and_a_request_after_idle_wakes_it(harness):
     assert watcher.parked  # idle: the control thread waits without waking up
     time.sleep(0.2)
     assert watcher.parked and watcher.is_alive()
-    running = harness.request("execute_request", {"code": "import time\nfor i in range(3000): time.sleep(0.01)"})
-    time.sleep(0.3)
-    assert not watcher.parked
-    harness.request("abort_request", {"msg_ids": [running["msg_id"]]}, kind="control")
-    _, abort_reply = harness.recv("control")
-    _, r = harness.recv()
-    assert abort_reply["content"] == {"status": "ok"}
-    assert r["content"]["ename"] == "KeyboardInterrupt"
+    assert_long_request_aborted(harness, lambda: not watcher.parked)
 
 
 def test_kernel_stopped_and_started_again_serves_and_is_watched(harness):
@@ -215,13 +220,7 @@ def test_kernel_stopped_and_started_again_serves_and_is_watched(harness):
     assert done.wait(5)
     _, r = execute(harness, "restarted = 1")
     assert r["content"] == {"status": "ok"}
-    running = harness.request("execute_request", {"code": "import time\nfor i in range(3000): time.sleep(0.01)"})
-    time.sleep(0.3)
-    harness.request("abort_request", {"msg_ids": [running["msg_id"]]}, kind="control")
-    _, abort_reply = harness.recv("control")
-    _, r = harness.recv()
-    assert abort_reply["content"] == {"status": "ok"}
-    assert r["content"]["ename"] == "KeyboardInterrupt"
+    assert_long_request_aborted(harness)
 
 
 def test_shutdown_while_running_replies_at_once_and_aborts_queue(harness):
