@@ -27,6 +27,7 @@ from .config import LOG_LEVELS, EngineConfig, disambiguate_url, is_local_address
 from .errors import ConfigError, MessageError
 from .heartbeat import Heartbeat
 from .kernel import Kernel
+from .stream import KernelStream
 from .session import Session
 from .tunnel import TunnelError, Tunnels
 
@@ -90,7 +91,7 @@ class Engine:
             if "[" in url:
                 sock.ipv6 = True
             sock.connect(url)
-        stream = ZMQStream(sock, self.loop)
+        stream = KernelStream(sock, self.loop)
         self._streams.append(stream)
         return stream
 

@@ -28,7 +28,7 @@ from . import legacy, protocol
 from .errors import MessageError, UnmetDependency, error_content
 from .outstream import DisplayHook, OutStream, finish_output, redirect
 from .serialize import is_legacy_payload, serialize_object, unpack_apply_message
-from .session import Session, recv_frames
+from .session import Session, has_message, recv_frames
 from .watcher import ControlWatcher
 
 log = logging.getLogger(__name__)
@@ -184,6 +184,8 @@ class Kernel:
             for _ in range(_BATCH):
                 self._serve_shell(stream, frames)
                 if stream.closed() or self.shutting_down:
+                    return
+                if not has_message(socket):
                     return
                 self.serve_control()  # before taking the next one, which an abort may cover
                 next_frames = recv_frames(socket, check=False)

@@ -33,12 +33,14 @@ class _BinaryWriter(io.RawIOBase):
         super().__init__()
         self._text = text
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._written = False
 
     def writable(self) -> bool:
         return True
 
     def write(self, b: Any) -> int:
         data = bytes(b)
+        self._written = True
         text = self._decoder.decode(data)
         if text:
             self._text.write(text)
@@ -46,6 +48,9 @@ class _BinaryWriter(io.RawIOBase):
 
     def finish(self) -> None:
         """Write out an incomplete character left by the last write (as U+FFFD)."""
+        if not self._written:
+            return
+        self._written = False
         text = self._decoder.decode(b"", final=True)
         if text:
             self._text.write(text)
@@ -124,8 +129,8 @@ class OutStream(io.TextIOBase):
         self.flush()
 
     def flush(self) -> None:
-        if threading.get_ident() != self._owner:
-            return
+        if threading.get_ident() != self._owner or not (self._parts or self._dropped):
+            return  # (what another thread adds meanwhile is flushed on its wake-up)
         with self._lock:
             if not self._parts and not self._dropped:
                 return

@@ -310,22 +310,32 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
 
+def has_message(socket: zmq.Socket) -> bool:
+    """True when a message waits on ``socket`` (cheaper than a receive that finds none)."""
+    return bool(int(_raw_get(socket, _EVENTS)) & _POLLIN)
+
+
 def recv_frames(socket: zmq.Socket, copy: bool = False, check: bool = True
                 ) -> list[Any] | None:
     """Receive one multipart message without waiting; None when nothing is queued.
 
-    ``check`` first asks the socket whether a message waits, which is cheaper than a
-    receive that finds none; without it the receive is tried at once, which is
-    cheaper when one is likely to wait.
+    ``check`` first asks the socket whether a message waits (:func:`has_message`);
+    without it the receive is tried at once, which is cheaper when one is likely to wait.
     """
-    if check and not int(_raw_get(socket, _EVENTS)) & _POLLIN:
+    if check and not has_message(socket):
         return None
     try:
-        frames = [_raw_recv(socket, _NOBLOCK, copy)]
+        frame = _raw_recv(socket, _NOBLOCK, copy)
     except zmq.Again:
         return None
-    while _raw_get(socket, _RCVMORE):
-        frames.append(_raw_recv(socket, 0, copy))
+    frames = [frame]
+    if copy:
+        while _raw_get(socket, _RCVMORE):
+            frames.append(_raw_recv(socket, 0, True))
+    else:  # a frame knows whether more follow: no socket option lookup per frame
+        while frame.more:
+            frame = _raw_recv(socket, 0, False)
+            frames.append(frame)
     return frames
 
 
@@ -364,4 +374,5 @@ def _check_buffer(buf: Any) -> None:
         raise ValueError("buffer is not contiguous")
 
 
-__all__ = ["Session", "MessageError", "send_frames", "recv_frames", "COPY_THRESHOLD"]
+__all__ = ["Session", "MessageError", "send_frames", "recv_frames", "has_message",
+           "COPY_THRESHOLD"]

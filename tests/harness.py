@@ -16,13 +16,13 @@ from typing import Any, Sequence
 
 import zmq
 from tornado.ioloop import IOLoop
-from zmq.eventloop.zmqstream import ZMQStream
 
 from streamkernel import protocol
 from streamkernel.capture import Message
 from streamkernel.kernel import Kernel
 from streamkernel.replay import GatedSession, ReplyGate
 from streamkernel.session import Session
+from streamkernel.stream import KernelStream
 
 CAPTURES = os.path.join(os.path.dirname(__file__), "captures")
 KEY = b"test-key-0123"
@@ -47,8 +47,11 @@ class KernelHarness:
     """Runs a Kernel in a thread; the test thread plays hub and client."""
 
     def __init__(self, key: bytes = KEY, engine_id: str = ENGINE_ID, int_id: int = 0,
-                 peers: dict[str, bytes] | None = None, **kernel_kwargs: Any) -> None:
+                 peers: dict[str, bytes] | None = None, stream_class: type = KernelStream,
+                 **kernel_kwargs: Any) -> None:
+        """``stream_class``: the engine's KernelStream, or ZMQStream as an embedding host."""
         self.key = key
+        self.stream_class = stream_class
         self.engine_id = engine_id
         self.int_id = int_id
         self.peers = dict(PEERS, **(peers or {}))
@@ -93,7 +96,7 @@ class KernelHarness:
         control.connect(self.urls["control"])
         iopub = self.context.socket(zmq.PUB)
         iopub.connect(self.urls["iopub"])
-        self.streams = [ZMQStream(s, self.loop) for s in (shell, control, iopub)]
+        self.streams = [self.stream_class(s, self.loop) for s in (shell, control, iopub)]
         session = GatedSession(self.key, session=self.engine_id, parse_dates=False,
                                gate=self.gate)
         kwargs = dict(session=session, control_stream=self.streams[1],
