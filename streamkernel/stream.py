@@ -1,9 +1,9 @@
 """KernelStream: a ZMQStream with a lean receive path.
 
 ZMQStream asks its socket for ``EVENTS`` through pyzmq's attribute sugar and
-combines the answer as ``enum.Flag`` values, twice per wake-up, and receives
-through ``recv_multipart``: a few dozen Python calls per message that do no
-work. KernelStream asks with plain integers and receives with
+combines the answer and its poll state as ``enum.Flag`` values, twice per
+wake-up, and receives through ``recv_multipart``: a few dozen Python calls per
+message that do no work. KernelStream asks with plain integers and receives with
 :func:`~streamkernel.session.recv_frames`; callbacks, sending, flushing and
 closing are ZMQStream's own. Unlike ZMQStream, it keeps receiving after a
 callback raised.
@@ -29,12 +29,11 @@ class KernelStream(ZMQStream):
 
     def _events(self) -> int | None:
         """The socket's pending events, or None when it cannot be asked (closed)."""
-        socket = self.socket
-        if socket is None or socket.closed:
+        if self.socket is None:
             return None
         try:
-            return int(_raw_get(socket, _EVENTS))
-        except zmq.ZMQError:
+            return _raw_get(self.socket, _EVENTS)
+        except zmq.ZMQError:  # closed, or its context terminated
             return None
 
     def _handle_events(self, fd: Any, events: int) -> None:
@@ -59,6 +58,14 @@ class KernelStream(ZMQStream):
         frames = recv_frames(self.socket, copy=self._recv_copy, check=False)
         if frames is not None:
             self._run_callback(self._recv_callback, frames)
+
+    def _rebuild_io_state(self) -> None:
+        if self.socket is None:
+            return
+        state = (_POLLIN if self._recv_callback is not None else 0) | (
+            _POLLOUT if self.sending() else 0)
+        self._state = state
+        self._update_handler(state)
 
     def _update_handler(self, state: int) -> None:
         pending = self._events()
