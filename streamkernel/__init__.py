@@ -10,9 +10,10 @@ from .kernel import Kernel
 from .serialize import (interactive, pack_apply_message, serialize_object, unpack_apply_message,
                         unserialize_object)
 from .session import Session
+from .stream import KernelStream
 
 __all__ = [
-    "__version__", "EngineConfig", "disambiguate_url", "Kernel", "Session",
+    "__version__", "EngineConfig", "disambiguate_url", "Kernel", "KernelStream", "Session",
     "StreamKernelError", "MessageError", "SerializationError", "ConfigError",
     "UnmetDependency", "interactive", "pack_apply_message", "unpack_apply_message",
     "serialize_object", "unserialize_object",

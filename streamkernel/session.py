@@ -333,7 +333,7 @@ def recv_frames(socket: zmq.Socket, copy: bool = False, check: bool = True
         while _raw_get(socket, _RCVMORE):
             frames.append(_raw_recv(socket, 0, True))
     else:  # a frame knows whether more follow: no socket option lookup per frame
-        while frame.more:
+        while frame.more:  # type: ignore[union-attr]
             frame = _raw_recv(socket, 0, False)
             frames.append(frame)
     return frames

@@ -32,7 +32,7 @@ class KernelStream(ZMQStream):
         if self.socket is None:
             return None
         try:
-            return _raw_get(self.socket, _EVENTS)
+            return int(_raw_get(self.socket, _EVENTS))
         except zmq.ZMQError:  # closed, or its context terminated
             return None
 

@@ -17,7 +17,7 @@ MODULES = sorted(m.name for m in pkgutil.iter_modules(streamkernel.__path__)
 
 def test_every_module_is_listed() -> None:
     assert {"protocol", "errors", "config", "session", "serialize", "outstream", "kernel",
-            "heartbeat", "engine"} <= set(MODULES)
+            "heartbeat", "engine", "stream"} <= set(MODULES)
 
 
 def test_package_all_resolves() -> None:
