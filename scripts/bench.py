@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import zmq
 
 from streamkernel.serialize import deserialize_object, pack_apply_message
-from streamkernel.session import send_frames
+from streamkernel.session import recv_frames, send_frames
 from streamkernel.testing import StubHub, py3_env, read_legacy_env
 
 DELIM = b"<IDS|MSG>"
@@ -161,12 +161,9 @@ class Run:
                     sent_at.append(clock())
                     send_frames(sock, requests[sent])
                     sent += 1
-                try:  # the plain calls: the client's own overhead is part of every latency
-                    while sock.recv(0, False).more:
-                        pass
-                except zmq.Again:
-                    raise TimeoutError("%s: no reply (%d of %d)"
-                                       % (self.name, received, n)) from None
+                # the plain calls: the client's own overhead is part of every latency
+                if recv_frames(sock, wait=True) is None:
+                    raise TimeoutError("%s: no reply (%d of %d)" % (self.name, received, n))
                 latencies.append(clock() - sent_at[received])
                 received += 1
         finally:
@@ -315,6 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.mode == "floor":
         return floor(args.config, args.bare)
+    if args.rounds < 1 or args.requests < 100:
+        parser.error("--rounds must be at least 1 and --requests at least 100")
+    if args.memory_requests <= 10_000:
+        parser.error("--memory-requests must be more than 10000 (RSS is read after 10k "
+                     "requests and again after this many)")
 
     # SIGTERM unwinds like Ctrl-C, so every engine started is killed on the way out
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

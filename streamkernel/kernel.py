@@ -102,6 +102,8 @@ class Kernel:
         self.aborted: dict[str, None] = {}
         #: control requests received while a request ran, served before the next one
         self.deferred_control: deque[tuple[Any, list[bytes], dict[str, Any], dict]] = deque()
+        #: a shell message taken off its socket, waiting while control is served first
+        self._held: tuple[Any, list] | None = None
         self.shutting_down = False
         #: Held by the kernel's thread except while user code runs (see watcher.py).
         self.socket_lock = threading.Lock()
@@ -180,19 +182,15 @@ class Kernel:
         def dispatcher(frames: list) -> None:
             # serve what else is already queued without a loop round trip per message;
             # control is served before each shell message is taken off its socket
-            self.serve_control()
+            self.dispatch_queue(stream, frames)
             for _ in range(_BATCH):
-                self._serve_shell(stream, frames)
-                if stream.closed() or self.shutting_down:
-                    return
-                if not has_message(socket):
+                if stream.closed() or self.shutting_down or not has_message(socket):
                     return
                 self.serve_control()  # before taking the next one, which an abort may cover
-                next_frames = recv_frames(socket, check=False)
-                if next_frames is None:
+                waiting = recv_frames(socket, check=False)
+                if waiting is None:
                     return
-                frames = next_frames
-            self._serve_shell(stream, frames)
+                self._serve_shell(stream, waiting)
         return dispatcher
 
     # -- sending --------------------------------------------------------------------
@@ -271,9 +269,15 @@ class Kernel:
                 waiting = recv_frames(control.socket) if not control.closed() else None
 
     def dispatch_queue(self, stream: Any, frames: list) -> None:
-        """Handle one shell message, after serving every waiting control message."""
-        self.serve_control()
-        self._serve_shell(stream, frames)
+        """Handle one shell message, after serving every waiting control message; an
+        abort of everything waiting (or a shutdown) among them answers it ``aborted``."""
+        self._held = (stream, frames)
+        try:
+            self.serve_control()
+        finally:
+            held, self._held = self._held, None
+        if held is not None:
+            self._serve_shell(stream, frames)
 
     def _serve_shell(self, stream: Any, frames: list) -> None:
         unpacked = self._unpack(frames, "shell")
@@ -321,8 +325,13 @@ class Kernel:
         self._answer_aborted(self._drain([stream]))
 
     def _drain(self, streams: Sequence[Any] | None = None) -> list[tuple[Any, list]]:
-        """Take every message waiting on the shell streams, without answering yet."""
+        """Take every message waiting on the shell streams, without answering yet; the
+        one already taken off its socket for :meth:`dispatch_queue` comes first."""
         waiting = []
+        held = self._held
+        if held is not None and (streams is None or held[0] in streams):
+            waiting.append(held)
+            self._held = None
         for stream in self.shell_streams if streams is None else streams:
             socket = getattr(stream, "socket", stream)
             frames = recv_frames(socket)

@@ -308,6 +308,8 @@ _RCVMORE = int(zmq.RCVMORE)
 _NOBLOCK = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
+#: pyzmq's Cython backend sets ``Frame.more`` on every receive (its cffi backend does not)
+_FRAMES_KNOW_MORE = zmq.backend.Socket.__module__.startswith("zmq.backend.cython")
 
 
 def has_message(socket: zmq.Socket) -> bool:
@@ -315,24 +317,25 @@ def has_message(socket: zmq.Socket) -> bool:
     return bool(int(_raw_get(socket, _EVENTS)) & _POLLIN)
 
 
-def recv_frames(socket: zmq.Socket, copy: bool = False, check: bool = True
-                ) -> list[Any] | None:
-    """Receive one multipart message without waiting; None when nothing is queued.
+def recv_frames(socket: zmq.Socket, copy: bool = False, check: bool = True,
+                wait: bool = False) -> list[Any] | None:
+    """Receive one multipart message; None when nothing is queued.
 
     ``check`` first asks the socket whether a message waits (:func:`has_message`);
-    without it the receive is tried at once, which is cheaper when one is likely to wait.
+    without it the receive is tried at once, which is cheaper when one is likely to
+    wait. ``wait`` blocks for the first frame (up to the socket's ``rcvtimeo``).
     """
-    if check and not has_message(socket):
+    if check and not wait and not has_message(socket):
         return None
     try:
-        frame = _raw_recv(socket, _NOBLOCK, copy)
+        frame = _raw_recv(socket, 0 if wait else _NOBLOCK, copy)
     except zmq.Again:
         return None
     frames = [frame]
-    if copy:
+    if copy or not _FRAMES_KNOW_MORE:
         while _raw_get(socket, _RCVMORE):
-            frames.append(_raw_recv(socket, 0, True))
-    else:  # a frame knows whether more follow: no socket option lookup per frame
+            frames.append(_raw_recv(socket, 0, copy))
+    else:  # the frame says whether more follow: no socket option lookup per frame
         while frame.more:  # type: ignore[union-attr]
             frame = _raw_recv(socket, 0, False)
             frames.append(frame)

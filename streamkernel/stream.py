@@ -53,10 +53,10 @@ class KernelStream(ZMQStream):
             self._rebuild_io_state()
 
     def _handle_recv(self) -> None:
-        if self._flushed or self._recv_callback is None:
+        if self._flushed:
             return
         frames = recv_frames(self.socket, copy=self._recv_copy, check=False)
-        if frames is not None:
+        if frames is not None and self._recv_callback is not None:  # else: discarded
             self._run_callback(self._recv_callback, frames)
 
     def _rebuild_io_state(self) -> None:

@@ -113,6 +113,40 @@ def test_abort_by_msg_id_and_abort_all(harness):
     assert r3["content"] == {"status": "ok"}
 
 
+def hold_the_loop(h, seconds=0.5):
+    """Keep the kernel's loop busy for ``seconds``, so what is sent meanwhile waits."""
+    busy = threading.Event()
+    h.loop.add_callback(lambda: (busy.set(), time.sleep(seconds)))
+    assert busy.wait(5)
+
+
+@pytest.mark.parametrize("control", [
+    ("abort_request", {}, {"status": "ok"}),
+    ("shutdown_request", {"restart": False}, {"status": "ok", "restart": False}),
+])
+def test_abort_all_and_shutdown_answer_every_waiting_request_in_order(harness, control):
+    # the first waiting request is already off its socket when control is served
+    msg_type, content, expected = control
+    hold_the_loop(harness)
+    sent = [harness.request("execute_request", {"code": "ran = %d" % i}) for i in range(3)]
+    harness.request(msg_type, content, kind="control")
+    replies = [harness.recv()[1] for _ in sent]
+    assert [r["parent_header"]["msg_id"] for r in replies] == [m["msg_id"] for m in sent]
+    assert [r["content"] for r in replies] == [{"status": "aborted"}] * 3
+    assert harness.recv("control")[1]["content"] == expected
+    assert "ran" not in harness.kernel.user_ns
+
+
+def test_abort_naming_the_first_waiting_request_keeps_the_rest(harness):
+    hold_the_loop(harness)
+    sent = [harness.request("execute_request", {"code": "ran = %d" % i}) for i in range(3)]
+    harness.request("abort_request", {"msg_ids": [sent[0]["msg_id"]]}, kind="control")
+    replies = [harness.recv()[1] for _ in sent]
+    assert [r["parent_header"]["msg_id"] for r in replies] == [m["msg_id"] for m in sent]
+    assert [r["content"]["status"] for r in replies] == ["aborted", "ok", "ok"]
+    assert harness.kernel.user_ns["ran"] == 2
+
+
 def test_clear_resets_namespace_and_reruns_exec_lines(make_harness):
     h = make_harness(exec_lines=["base = 42"])
     execute(h, "v = 1")

@@ -16,6 +16,7 @@ from streamkernel import protocol
 from streamkernel.errors import (DuplicateSignature, InvalidSignature, MalformedMessage,
                                  MessageError, UnsignedMessage)
 from streamkernel.protocol import DELIM
+from streamkernel import session as session_module
 from streamkernel.session import Session, recv_frames, send_frames
 
 from .harness import CAPTURES, KEY
@@ -447,6 +448,23 @@ def test_recv_frames_takes_whole_messages_and_none_when_empty(
         second = recv_frames(b, copy=True, check=check)
     assert second == [b"second"]
     assert recv_frames(b, check=check) is None
+
+
+@pytest.mark.parametrize("frames_know_more", [True, False])
+def test_recv_frames_waits_up_to_rcvtimeo(pair: tuple[zmq.Socket, zmq.Socket],
+                                          monkeypatch: pytest.MonkeyPatch,
+                                          frames_know_more: bool) -> None:
+    # without Frame.more (pyzmq's cffi backend) the socket is asked after each frame
+    monkeypatch.setattr(session_module, "_FRAMES_KNOW_MORE", frames_know_more)
+    a, b = pair
+    b.rcvtimeo = 50
+    assert recv_frames(b, wait=True) is None
+    send_frames(a, [b"one", b"", b"three"])
+    b.rcvtimeo = 5000
+    got = recv_frames(b, wait=True)
+    assert got is not None and [f.bytes for f in got] == [b"one", b"", b"three"]
+    send_frames(a, [b"a", b"b"])
+    assert recv_frames(b, copy=True, wait=True) == [b"a", b"b"]
 
 
 def test_recv_raises_message_error_for_a_forgery(pair: tuple[zmq.Socket, zmq.Socket]) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -115,6 +116,20 @@ def test_flush_delivers_what_waits(cls: type, loop: IOLoop, pair: Any) -> None:
     while len(got) < 5:
         assert stream.flush(zmq.POLLIN) > 0 or router.poll(100)
     assert got == [[b"peer", b"%d" % i] for i in range(5)]
+
+
+@pytest.mark.parametrize("cls", STREAMS)
+def test_flush_without_a_callback_discards_what_waits(cls: type, loop: IOLoop,
+                                                      pair: Any) -> None:
+    router, dealer = pair
+    stream = cls(router, loop)
+    for i in range(3):
+        dealer.send(b"%d" % i)
+    assert router.poll(int(TIMEOUT * 1000))
+    time.sleep(0.1)  # all three in
+    assert stream.flush(zmq.POLLIN, limit=2) == 2
+    assert stream.flush(zmq.POLLIN) == 1
+    assert not router.poll(0)
 
 
 @pytest.mark.parametrize("cls", STREAMS)
