@@ -27,8 +27,8 @@ from .config import LOG_LEVELS, EngineConfig, disambiguate_url, is_local_address
 from .errors import ConfigError, MessageError
 from .heartbeat import Heartbeat
 from .kernel import Kernel
-from .stream import KernelStream
 from .session import Session
+from .stream import KernelStream
 from .tunnel import TunnelError, Tunnels
 
 log = logging.getLogger(__name__)
