@@ -312,9 +312,14 @@ _POLLIN = int(zmq.POLLIN)
 _FRAMES_KNOW_MORE = zmq.backend.Socket.__module__.startswith("zmq.backend.cython")
 
 
+def socket_events(socket: zmq.Socket) -> int:
+    """The socket's pending events (``POLLIN | POLLOUT`` bits), asked without pyzmq's sugar."""
+    return int(_raw_get(socket, _EVENTS))
+
+
 def has_message(socket: zmq.Socket) -> bool:
     """True when a message waits on ``socket`` (cheaper than a receive that finds none)."""
-    return bool(int(_raw_get(socket, _EVENTS)) & _POLLIN)
+    return bool(socket_events(socket) & _POLLIN)
 
 
 def recv_frames(socket: zmq.Socket, copy: bool = False, check: bool = True,
@@ -378,4 +383,4 @@ def _check_buffer(buf: Any) -> None:
 
 
 __all__ = ["Session", "MessageError", "send_frames", "recv_frames", "has_message",
-           "COPY_THRESHOLD"]
+           "socket_events", "COPY_THRESHOLD"]

@@ -16,10 +16,8 @@ import zmq
 from tornado.log import gen_log
 from zmq.eventloop.zmqstream import ZMQStream
 
-from .session import recv_frames
+from .session import recv_frames, socket_events
 
-_raw_get = zmq.backend.Socket.get
-_EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
 
@@ -32,7 +30,7 @@ class KernelStream(ZMQStream):
         if self.socket is None:
             return None
         try:
-            return int(_raw_get(self.socket, _EVENTS))
+            return socket_events(self.socket)
         except zmq.ZMQError:  # closed, or its context terminated
             return None
 
