@@ -137,6 +137,34 @@ def test_abort_all_and_shutdown_answer_every_waiting_request_in_order(harness, c
     assert "ran" not in harness.kernel.user_ns
 
 
+@pytest.mark.parametrize("bad", ["forged", "unsigned", "no delimiter", "not json"])
+def test_abort_all_drops_a_bad_message_it_finds_first_and_aborts_the_rest(harness, bad):
+    # the bad message is the one already off its socket when control is served
+    hold_the_loop(harness)
+    frames = harness.client.serialize(
+        harness.client.msg("execute_request", {"code": "ran = -1"}), [CLIENT_ID])
+    delim = frames.index(protocol.DELIM)
+    if bad == "forged":
+        frames[delim + 1] = b"0" * 32
+    elif bad == "unsigned":
+        frames[delim + 1] = b""
+    elif bad == "no delimiter":
+        del frames[delim]
+    else:
+        frames[delim + 4] = "{\"code\": \"\u00e9".encode()  # cut JSON, signed as sent
+        frames[delim + 1] = harness.client.sign(frames[delim + 2:delim + 5])
+    harness.send_frames("mux", frames)
+    sent = [harness.request("execute_request", {"code": "ran = %d" % i}) for i in range(2)]
+    harness.request("abort_request", {}, kind="control")
+    replies = [harness.recv()[1] for _ in sent]
+    assert [r["parent_header"]["msg_id"] for r in replies] == [m["msg_id"] for m in sent]
+    assert [r["content"] for r in replies] == [{"status": "aborted"}] * 2
+    assert harness.recv("control")[1]["content"] == {"status": "ok"}
+    _, reply = execute(harness, "ran = 'after'")  # nothing else was left to answer
+    assert reply["content"] == {"status": "ok"}
+    assert harness.kernel.user_ns["ran"] == "after"
+
+
 def test_abort_naming_the_first_waiting_request_keeps_the_rest(harness):
     hold_the_loop(harness)
     sent = [harness.request("execute_request", {"code": "ran = %d" % i}) for i in range(3)]
