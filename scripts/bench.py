@@ -225,7 +225,7 @@ def measure_rate(run: Run, n: int, apply: bool, echo: bool) -> dict[str, Any]:
     execute = ("execute_request", {"code": "pass", "silent": False})
     run.throughput(*execute, n=min(n, 500), window=64)  # warm up
     out["execute_w64_per_s"], _ = run.throughput(*execute, n=n, window=64)
-    out["execute_w1_per_s"], lat = run.throughput(*execute, n=max(n // 4, 100), window=1)
+    out["execute_w1_per_s"], lat = run.throughput(*execute, n=n, window=1)
     lat.sort()
     out["latency_w1_p50_us"] = round(lat[len(lat) // 2] * 1e6, 1)
     out["latency_w1_p99_us"] = round(lat[int(len(lat) * 0.99)] * 1e6, 1)
