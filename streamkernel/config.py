@@ -21,6 +21,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _MAX_FILE = 1 << 20
 _TCP_URL = re.compile(r"^tcp://(\*|[\w.-]+|\[[0-9a-fA-F:.]+\]):(\d{1,5})$")
 _TRANSPORTS = ("tcp", "ipc", "inproc", "pgm", "epgm", "ws", "wss")
+#: A host name, an IPv4 address or an IPv6 address (bracketed or not, with a zone or not).
+_HOST = re.compile(r"^([\w-]+(\.[\w-]+)*\.?|\[?[0-9A-Fa-f:.]+(%[\w.-]+)?\]?)\Z")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class EngineConfig:
         check_url("url", self.url)
         if self.log_url:
             check_url("log_url", self.log_url)
+        if self.location and not _HOST.match(self.location):
+            raise ConfigError("location %r is not a host name or an IP address" % self.location)
         if self.signature_scheme not in SIGNATURE_SCHEMES:
             raise ConfigError("signature_scheme %r is not one of %s" % (
                 self.signature_scheme, ", ".join(SIGNATURE_SCHEMES)))

@@ -73,7 +73,10 @@ class Engine:
         self._tries_left = 0
         self._monitor: ZMQStream | None = None
         self.on_registered: Callable[[], None] | None = None
-        self.registrar = self._stream(zmq.DEALER, config.url)
+        try:
+            self.registrar = self._stream(zmq.DEALER, config.url)
+        except zmq.ZMQError as e:  # e.g. a transport this libzmq lacks, or a bad host
+            raise ConfigError("cannot connect to url %s: %s" % (config.url, e)) from e
 
     def _stream(self, kind: int, *urls: str) -> ZMQStream:
         sock = self.context.socket(kind)
@@ -87,10 +90,14 @@ class Engine:
             log.error("cannot reach the hub through ssh: %s", e)
             self.loop.add_callback(self.exit, EXIT_TIMEOUT)
             targets = []
-        for url in targets:
-            if "[" in url:
-                sock.ipv6 = True
-            sock.connect(url)
+        try:
+            for url in targets:
+                if "[" in url:
+                    sock.ipv6 = True
+                sock.connect(url)
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
         stream = KernelStream(sock, self.loop)
         self._streams.append(stream)
         return stream
@@ -153,7 +160,7 @@ class Engine:
             return
         try:
             self._connect(content)
-        except (KeyError, TypeError, ValueError, zmq.ZMQError) as e:
+        except Exception as e:  # whatever the hub sent, the engine must not hang on it
             log.error("unusable registration reply (%s: %s)", type(e).__name__, e)
             self.exit(EXIT_REFUSED)
             return
@@ -402,6 +409,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     try:
         return _run(config, context, pub_handler)
+    except ConfigError as e:  # found only when connecting (a transport libzmq lacks)
+        print("streamkernel: %s" % e, file=sys.stderr)
+        return EXIT_CONFIG
     except Exception as e:  # one line for operators; the traceback at DEBUG
         log.debug("internal error", exc_info=True)
         print("streamkernel: internal error: %s: %s" % (type(e).__name__, e), file=sys.stderr)

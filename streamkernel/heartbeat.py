@@ -50,6 +50,7 @@ class Heartbeat(threading.Thread):
         self._control.bind(self._control_url)
         self._ready = threading.Event()
         self._started_at = time.monotonic()
+        self._failure: zmq.ZMQError | None = None
 
     def run(self) -> None:
         sockets = []
@@ -65,8 +66,12 @@ class Heartbeat(threading.Thread):
             ping.setsockopt(zmq.SUBSCRIBE, b"")
             pong.setsockopt(zmq.IDENTITY, self.heart_id)
             capture.sndhwm = 16  # only "a ping came" matters: the rest is dropped
-            ping.connect(self.ping_url)
-            pong.connect(self.pong_url)
+            try:
+                ping.connect(self.ping_url)
+                pong.connect(self.pong_url)
+            except zmq.ZMQError as e:  # start() raises it in the thread that started us
+                self._failure = e
+                return
             capture.connect(self._capture_url)
             control.connect(self._control_url)
             self._ready.set()
@@ -81,9 +86,13 @@ class Heartbeat(threading.Thread):
                 sock.close(linger=0)
 
     def start(self) -> None:
+        """Start echoing; raises ``zmq.ZMQError`` when the hub's addresses cannot be used."""
         self._started_at = time.monotonic()
         super().start()
         self._ready.wait(5)
+        if self._failure is not None:
+            self.join()
+            raise self._failure
         self._capture.getsockopt(zmq.EVENTS)  # subscribe now: a SUB does so when used
 
     def stop(self, timeout: float = 2.0) -> None:

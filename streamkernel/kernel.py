@@ -18,7 +18,8 @@ import signal
 import sys
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from types import TracebackType
 from typing import Any, Callable, Iterable, Sequence
 
 import zmq
@@ -43,7 +44,15 @@ _MAX_ABORTED = 100_000
 _MAX_MATCHES = 1000
 #: Shell messages served per loop wake-up at most (control is still served before each).
 _BATCH = 64
-_TOKEN = re.compile(r"[\w.]*$")
+#: The token a completion completes, matched at the start of the reversed line: a
+#: search for ``[\w.]*$`` from the front takes time quadratic in the line's length.
+_TOKEN_REVERSED = re.compile(r"[\w.]*")
+
+
+def _last_token(line: str) -> str:
+    """The name (dotted or not) that ``line`` ends with."""
+    match = _TOKEN_REVERSED.match(line[::-1])
+    return match.group(0)[::-1] if match else ""
 
 
 class Kernel:
@@ -99,7 +108,7 @@ class Kernel:
         self.on_shutdown = on_shutdown
         self.shutdown_delay = shutdown_delay
         self.on_stuck = on_stuck
-        self.aborted: dict[str, None] = {}
+        self.aborted: OrderedDict[str, None] = OrderedDict()
         #: control requests received while a request ran, served before the next one
         self.deferred_control: deque[tuple[Any, list[bytes], dict[str, Any], dict]] = deque()
         #: a shell message taken off its socket, waiting while control is served first
@@ -366,10 +375,11 @@ class Kernel:
 
     def mark_aborted(self, msg_ids: Iterable[Any]) -> None:
         """Remember ids to answer as aborted when they reach the front of the queue."""
+        aborted = self.aborted
         for mid in msg_ids:
-            self.aborted[str(mid)] = None
-        while len(self.aborted) > _MAX_ABORTED:
-            del self.aborted[next(iter(self.aborted))]
+            aborted[str(mid)] = None
+        while len(aborted) > _MAX_ABORTED:  # the oldest go first, each in constant time
+            aborted.popitem(last=False)
 
     def shutdown_request(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
         """Abort what is queued, reply, then shut down after ``shutdown_delay``."""
@@ -426,8 +436,7 @@ class Kernel:
         if not isinstance(cursor_pos, int) or not 0 <= cursor_pos <= len(line):
             cursor_pos = len(line)
         if not isinstance(text, str) or not text:
-            match = _TOKEN.search(line[:cursor_pos])
-            text = match.group(0) if match else ""
+            text = _last_token(line[:cursor_pos])
         matches: list[str] = []
         seen: set[str] = set()
         state = 0
@@ -579,8 +588,9 @@ class Kernel:
     def _error(self, method: str) -> dict[str, Any]:
         """Publish pyerr for the exception being handled and return the reply content."""
         etype, evalue, tb = sys.exc_info()
-        while tb is not None and _internal(tb.tb_frame.f_code.co_filename):
-            tb = tb.tb_next
+        if isinstance(evalue, KeyboardInterrupt) and not evalue.args and self._interrupt_reason:
+            evalue = KeyboardInterrupt(self._interrupt_reason)  # raised in this thread bare
+        tb = _user_traceback(tb, trailing=isinstance(evalue, KeyboardInterrupt))
         content = error_content(self._engine_info(method), (etype, evalue, tb))
         self._publish(protocol.PYERR, content, self._topic(protocol.PYERR))
         return content
@@ -605,6 +615,24 @@ def _internal(filename: str) -> bool:
     """True for frames of this package and of the compiler (not the user's)."""
     path = os.path.normpath(os.path.abspath(filename))
     return path.startswith(_PACKAGE_DIR + os.sep) or path == _AST_FILE
+
+
+def _user_traceback(tb: TracebackType | None, trailing: bool) -> TracebackType | None:
+    """``tb`` without this package's frames before the user's code, and after it when
+    ``trailing`` (an interrupt is raised inside the engine's handler, not the user's code)."""
+    while tb is not None and _internal(tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next
+    if not trailing:
+        return tb
+    entries = []
+    while tb is not None:
+        entries.append(tb)
+        tb = tb.tb_next
+    while entries and _internal(entries[-1].tb_frame.f_code.co_filename):
+        entries.pop()
+    for entry in reversed(entries):
+        tb = TracebackType(tb, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return tb
 
 
 @functools.lru_cache(maxsize=256)

@@ -93,6 +93,29 @@ def test_refused_registration_exits_3(hub, tmp_path, procs):
     assert "registration refused by the hub: KeyError: queue_id in use" in proc.stderr.read().decode()
 
 
+@pytest.mark.parametrize("change", [
+    {"id": float("inf")},                      # int() raises OverflowError
+    {"id": "zero"},
+    {"heartbeat": "ab"},                       # two one-letter "addresses"
+    {"heartbeat": ["pgm://x", "tcp://127.0.0.1:1"]},
+    {"mux": "tcp://no such host:1"},
+])
+def test_unusable_registration_reply_exits_3(hub, tmp_path, procs, change):
+    proc = run_engine(hub.write_connection_file(tmp_path / "engine.json"),
+                      "--heartbeat-timeout", "30")
+    procs.append(proc)
+    sock = hub.sockets["registration"]
+    assert sock.poll(10000)
+    idents, msg = hub.session.recv(sock, mode=0)
+    content = {"status": "ok", "id": 0, "mux": hub.urls["mux"], "task": hub.urls["task"],
+               "control": hub.urls["control"], "iopub": hub.urls["iopub"],
+               "heartbeat": [hub.urls["ping"], hub.urls["pong"]], **change}
+    hub.session.send(sock, "registration_reply", content, ident=idents)
+    assert proc.wait(10) == 3
+    err = proc.stderr.read().decode()
+    assert "unusable registration reply" in err and "Traceback" not in err
+
+
 def test_heartbeat_loss_exits_4(hub, tmp_path, procs):
     proc, eid = start_engine(hub, tmp_path, procs, "--heartbeat-timeout", "1")
     hub.beating.clear()
@@ -117,6 +140,11 @@ def test_sigterm_while_idle_exits_0(hub, tmp_path, procs):
      "unknown key 'locaton' (did you mean 'location'?)"),
     ('{"url": "tcp://127.0.0.1:1", "exec_key": ""}', "exec_key is empty"),
     ('{"url": "tcp://127.0.0.1:1", "exec_key": 5}', "exec_key must be a str"),
+    ('{"url": "pgm://127.0.0.1;239.192.1.1:5555", "exec_key": "k"}', "cannot connect to url"),
+    ('{"url": "tcp://*:5555", "exec_key": "k", "location": "10.0.0.5 "}',
+     "location '10.0.0.5 ' is not a host name or an IP address"),
+    ('{"url": "tcp://*:5555", "exec_key": "k", "location": "my host"}',
+     "location 'my host' is not a host name or an IP address"),
 ])
 def test_config_errors_are_one_line_and_exit_1(tmp_path, procs, content, message):
     path = tmp_path / "engine.json"
@@ -150,6 +178,15 @@ def test_sigint_interrupts_running_code_and_exits_when_idle(hub, tmp_path, procs
     latency = time.monotonic() - t0
     assert reply["content"]["ename"] == "KeyboardInterrupt"
     assert latency < 10  # the loop never ends by itself
+    frames = "".join(reply["content"]["traceback"])
+    assert '"<streamkernel>"' in frames and "streamkernel/" not in frames  # the user's only
+    abort_id = hub.send(eid, "execute_request", {"code": "while True: time.sleep(0.01)"})
+    time.sleep(0.3)
+    hub.send(eid, "abort_request", {"msg_ids": [abort_id]}, via="control")
+    assert hub.recv("control")["content"] == {"status": "ok"}
+    reply = hub.recv(timeout=5)
+    assert reply["content"]["evalue"].startswith("aborted by abort_request")
+    assert "streamkernel/" not in "".join(reply["content"]["traceback"])
     hub.send(eid, "execute_request", {"code": "ok = 1"})
     assert hub.recv()["content"] == {"status": "ok"}
     os.kill(proc.pid, signal.SIGINT)

@@ -201,6 +201,51 @@ def test_complete_request(harness):
     assert r["content"]["status"] == "ok"
 
 
+@pytest.mark.timeout(30)
+def test_complete_request_with_a_long_line_answers_at_once(harness):
+    """The token before the cursor is found in time linear in the line's length (a
+    search for it from the front took minutes for 200k characters)."""
+    execute(harness, "my_variable = 1")
+    harness.request("complete_request", {"text": "", "line": "a" * 200_000 + "!my_va"})
+    _, r = harness.recv(timeout=20)
+    assert r["content"] == {"matches": ["my_variable"], "status": "ok"}
+    harness.request("complete_request", {"line": "x." * 100_000 + "!"})
+    _, r = harness.recv(timeout=20)
+    assert r["content"]["status"] == "ok"
+
+
+@pytest.mark.timeout(15)
+def test_abort_of_many_ids_keeps_the_newest_and_answers_at_once(harness):
+    """Ids marked aborted are capped at the newest 100k; trimming the oldest takes
+    constant time each (these 500k ids took 26 s)."""
+    first = ["old-%d" % i for i in range(250_000)]
+    harness.request("abort_request", {"msg_ids": first}, kind="control")
+    _, r = harness.recv("control", timeout=12)
+    assert r["content"] == {"status": "ok"}
+    harness.request("abort_request", {"msg_ids": ["new-%d" % i for i in range(250_000)]},
+                    kind="control")
+    _, r = harness.recv("control", timeout=12)
+    assert r["content"] == {"status": "ok"}
+    aborted = harness.kernel.aborted
+    assert len(aborted) == 100_000
+    assert "new-249999" in aborted and "new-150000" in aborted
+    assert "new-149999" not in aborted and "old-249999" not in aborted
+    _, r = execute(harness, "still = 1")
+    assert r["content"] == {"status": "ok"}
+
+
+def test_abort_of_the_running_request_says_why(harness):
+    running = harness.request("execute_request",
+                              {"code": "import time\nwhile True: time.sleep(0.01)"})
+    time.sleep(0.3)
+    abort = harness.request("abort_request", {"msg_ids": [running["msg_id"]]}, kind="control")
+    harness.recv("control")
+    _, r = harness.recv()
+    assert r["content"]["ename"] == "KeyboardInterrupt"
+    assert r["content"]["evalue"] == "aborted by abort_request %s" % abort["msg_id"]
+    assert "streamkernel/" not in "".join(r["content"]["traceback"])
+
+
 def test_shutdown_replies_and_calls_host(harness):
     harness.request("shutdown_request", {"restart": False}, kind="control")
     _, r = harness.recv("control")
