@@ -42,6 +42,11 @@ _PACKAGE_DIR = os.path.dirname(os.path.normpath(os.path.abspath(__file__)))
 _AST_FILE = os.path.normpath(os.path.abspath(ast.__file__))
 _MAX_ABORTED = 100_000
 _MAX_MATCHES = 1000
+#: Completions stop at this many characters in all, and texts longer than a tenth of
+#: it complete nothing (each match repeats the whole dotted text before its name).
+_MAX_MATCH_CHARS = 1 << 20
+#: Code strings up to this long are compiled once and kept (256 of them at most).
+_CACHED_CODE = 1 << 16
 #: Shell messages served per loop wake-up at most (control is still served before each).
 _BATCH = 64
 #: The token a completion completes, matched at the start of the reversed line: a
@@ -438,8 +443,11 @@ class Kernel:
         if not isinstance(text, str) or not text:
             text = _last_token(line[:cursor_pos])
         matches: list[str] = []
+        if len(text) > _MAX_MATCH_CHARS // 10:
+            return matches
         seen: set[str] = set()
         state = 0
+        size = 0
         while len(matches) < _MAX_MATCHES:
             try:
                 with self._user_io():
@@ -450,6 +458,9 @@ class Kernel:
                 break
             state += 1
             if word not in seen:
+                size += len(word)
+                if size > _MAX_MATCH_CHARS:
+                    break
                 seen.add(word)
                 matches.append(word)
         return matches
@@ -635,14 +646,21 @@ def _user_traceback(tb: TracebackType | None, trailing: bool) -> TracebackType |
     return tb
 
 
-@functools.lru_cache(maxsize=256)
 def _compile(code: str) -> tuple[Any, Any]:
-    """Compile ``code`` into (statements, final expression in 'single' mode or None)."""
+    """Compile ``code`` into (statements, final expression in 'single' mode or None);
+    code run again is compiled once, unless it is longer than :data:`_CACHED_CODE`."""
+    return _compile_source(code) if len(code) > _CACHED_CODE else _compile_cached(code)
+
+
+def _compile_source(code: str) -> tuple[Any, Any]:
     tree = ast.parse(code, CODE_FILENAME, "exec")
     last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
     body = compile(tree, CODE_FILENAME, "exec") if tree.body else None
     single = compile(ast.Interactive([last]), CODE_FILENAME, "single") if last else None
     return body, single
+
+
+_compile_cached = functools.lru_cache(maxsize=256)(_compile_source)
 
 
 __all__ = ["Kernel", "UnmetDependency"]

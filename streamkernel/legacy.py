@@ -519,7 +519,9 @@ class _Writer:
 
     def __init__(self) -> None:
         self.out = io.BytesIO()
-        self.active: set[int] = set()
+        self.active: set[int] = set()  # tuples being written (they cannot contain themselves)
+        #: id -> (memo index, the object, kept alive so that its id is not reused)
+        self.memo: dict[int, tuple[int, Any]] = {}
 
     def dumps(self, obj: Any) -> bytes:
         self.out.write(b"\x80\x02")
@@ -602,32 +604,55 @@ class _Writer:
         self.out.write(b"X" + struct.pack("<I", len(data)) + data)
 
     def write_container(self, obj: Any) -> None:
-        if id(obj) in self.active:
-            raise SerializationError("cannot send a self-referencing %s to a Python 2 client"
-                                     % type(obj).__name__)
-        self.active.add(id(obj))
+        """Lists, dicts and tuples, each once: a second reference is a memo lookup, as in
+        Python 2's pickle (so shared and self-referencing containers keep their shape)."""
         w = self.out.write
-        if type(obj) is tuple and len(obj) <= 3:
-            for x in obj:
-                self.write(x)
-            w(b")\x85\x86\x87"[len(obj):len(obj) + 1])
-        else:
-            w(b"]" if type(obj) is list else b"}" if type(obj) is dict else b"")
-            if obj:
-                w(b"(")
-                for x in (itertools.chain.from_iterable(obj.items()) if type(obj) is dict
-                          else obj):
+        known = self.memo.get(id(obj))
+        if known is not None:
+            n = known[0]
+            w((b"h" + bytes([n])) if n < 256 else (b"j" + struct.pack("<I", n)))  # BINGET
+            return
+        if type(obj) is tuple:
+            if id(obj) in self.active:
+                raise SerializationError("cannot send a tuple that contains itself to a "
+                                         "Python 2 client")
+            self.active.add(id(obj))
+            if len(obj) <= 3:
+                for x in obj:
                     self.write(x)
-                w(b"e" if type(obj) is list else b"u" if type(obj) is dict else b"t")
-        self.active.discard(id(obj))
+                w(b")\x85\x86\x87"[len(obj):len(obj) + 1])
+            else:
+                w(b"(")
+                for x in obj:
+                    self.write(x)
+                w(b"t")
+            self.active.discard(id(obj))
+            self._memoize(obj)
+            return
+        w(b"]" if type(obj) is list else b"}")
+        self._memoize(obj)  # before the items, which may refer back to it
+        if obj:
+            w(b"(")
+            for x in (itertools.chain.from_iterable(obj.items()) if type(obj) is dict
+                      else obj):
+                self.write(x)
+            w(b"e" if type(obj) is list else b"u")
+
+    def _memoize(self, obj: Any) -> None:
+        n = len(self.memo)
+        self.memo[id(obj)] = (n, obj)
+        self.out.write((b"q" + bytes([n])) if n < 256 else (b"r" + struct.pack("<I", n)))
 
     def write_other(self, obj: Any) -> None:
+        buf = io.BytesIO()
+        pickler = pickle.Pickler(buf, protocol=2, fix_imports=True)
+        pickler.fast = True  # no memo entries of its own, which would overwrite ours
         try:
-            data = pickle.dumps(obj, protocol=2, fix_imports=True)
+            pickler.dump(obj)
         except Exception as e:
             raise SerializationError("cannot send %s to a Python 2 client: %s: %s"
                                      % (type(obj).__name__, type(e).__name__, e)) from None
-        self.out.write(data[2:-1])  # no memo is shared: the fragment stands alone
+        self.out.write(buf.getvalue()[2:-1])
 
 
 def _dumps(obj: Any) -> bytes:

@@ -214,6 +214,31 @@ def test_complete_request_with_a_long_line_answers_at_once(harness):
     assert r["content"]["status"] == "ok"
 
 
+def test_completions_are_bounded_in_size(harness):
+    """Each match repeats the dotted text before its name: a long text completes
+    nothing, and all matches together stay within 1 MiB of characters."""
+    execute(harness, "class Wide: pass\n"
+                     "wide = Wide()\n"
+                     "for i in range(1000): setattr(wide, 'a%04d' % i + 'x' * 3000, i)")
+    harness.request("complete_request", {"text": "wide.a"})
+    _, r = harness.recv()
+    matches = r["content"]["matches"]
+    assert 300 < len(matches) < 1000 and sum(map(len, matches)) <= 1 << 20
+    assert matches[0].startswith("wide.a0000x")
+    harness.request("complete_request", {"text": "print.__self__." * 10_000})
+    _, r = harness.recv()
+    assert r["content"] == {"matches": [], "status": "ok"}
+
+
+def test_only_short_code_is_kept_compiled():
+    from streamkernel import kernel
+    small, large = "x_small = 1", "x_large = 1\n" + "pass\n" * 20_000
+    before = kernel._compile_cached.cache_info().currsize
+    assert kernel._compile(small) is kernel._compile(small)
+    assert kernel._compile(large) is not kernel._compile(large)
+    assert kernel._compile_cached.cache_info().currsize <= before + 1
+
+
 @pytest.mark.timeout(15)
 def test_abort_of_many_ids_keeps_the_newest_and_answers_at_once(harness):
     """Ids marked aborted are capped at the newest 100k; trimming the oldest takes

@@ -319,10 +319,57 @@ def test_python3_round_trip_through_the_legacy_format(value):
 def test_unserializable_result_is_a_clear_error():
     with pytest.raises(SerializationError, match="cannot send function to a Python 2 client"):
         legacy.serialize_object(lambda: 1)
+    inner: list[Any] = []
+    knot = (inner,)
+    inner.append(knot)
+    with pytest.raises(SerializationError, match="tuple that contains itself"):
+        legacy.serialize_object(knot)
+
+
+def _shared_and_looped(depth: int) -> list[Any]:
+    """A list whose levels each hold the level below twice (2**depth paths, depth
+    lists), a list that contains itself and a dict that contains itself."""
+    dag: list[Any] = []
+    for _ in range(depth):
+        dag = [dag, dag]
     loop: list[Any] = []
     loop.append(loop)
-    with pytest.raises(SerializationError, match="self-referencing list"):
-        legacy.serialize_object(loop)
+    knot: dict[str, Any] = {}
+    knot["me"] = knot
+    return [dag, loop, knot, (dag, dag)]
+
+
+def test_shared_and_self_referencing_containers_are_written_once():
+    """A second reference is a memo lookup, as in Python 2's pickle: the reply grows
+    with the number of containers, not of paths through them (2**40 here)."""
+    frames = legacy.serialize_object(_shared_and_looped(40))
+    assert sum(len(bytes(memoryview(f))) for f in frames) < 2000
+    dag, loop, knot, pair = legacy.deserialize_object(frames)[0]
+    for _ in range(40):
+        assert dag[0] is dag[1]
+        dag = dag[0]
+    assert dag == [] and loop[0] is loop and knot["me"] is knot and pair[0] is pair[1]
+
+
+_PY2_SHAPES = r"""
+import base64, cPickle, json, sys
+frames = [base64.b64decode(f) for f in json.load(sys.stdin)]
+head = cPickle.loads(frames[0])
+# the pickle as Python 2 reads it (0.11's uncan() then copies containers, as it always did)
+dag, loop, knot, pair = cPickle.loads(frames[1] if head.data is None else head.data)
+depth = 0
+while dag:
+    assert dag[0] is dag[1]
+    dag, depth = dag[0], depth + 1
+json.dump([depth, loop[0] is loop, knot['me'] is knot, pair[0] is pair[1]], sys.stdout)
+"""
+
+
+@pytest.mark.legacy
+def test_python2_reads_shared_and_self_referencing_containers():
+    frames = [base64.b64encode(bytes(memoryview(f))).decode()
+              for f in legacy.serialize_object(_shared_and_looped(40))]
+    assert py2_run(_PY2_SHAPES, json.dumps(frames)) == [40, True, True, True]
 
 
 # -- decoded by the real Python 2 client code ---------------------------------------------
