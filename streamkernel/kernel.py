@@ -42,9 +42,11 @@ _PACKAGE_DIR = os.path.dirname(os.path.normpath(os.path.abspath(__file__)))
 _AST_FILE = os.path.normpath(os.path.abspath(ast.__file__))
 _MAX_ABORTED = 100_000
 _MAX_MATCHES = 1000
-#: Completions stop at this many characters in all, and texts longer than a tenth of
-#: it complete nothing (each match repeats the whole dotted text before its name).
+#: Completions stop at this many characters in all.
 _MAX_MATCH_CHARS = 1 << 20
+#: Longer texts complete nothing: each match repeats the whole dotted text before its
+#: name, and the completer builds every match before the first is taken.
+_MAX_COMPLETION_TEXT = 10_000
 #: Code strings up to this long are compiled once and kept (256 of them at most).
 _CACHED_CODE = 1 << 16
 #: Shell messages served per loop wake-up at most (control is still served before each).
@@ -382,7 +384,9 @@ class Kernel:
         """Remember ids to answer as aborted when they reach the front of the queue."""
         aborted = self.aborted
         for mid in msg_ids:
-            aborted[str(mid)] = None
+            key = str(mid)
+            aborted[key] = None
+            aborted.move_to_end(key)  # named again: as recent as the newest
         while len(aborted) > _MAX_ABORTED:  # the oldest go first, each in constant time
             aborted.popitem(last=False)
 
@@ -443,7 +447,7 @@ class Kernel:
         if not isinstance(text, str) or not text:
             text = _last_token(line[:cursor_pos])
         matches: list[str] = []
-        if len(text) > _MAX_MATCH_CHARS // 10:
+        if len(text) > _MAX_COMPLETION_TEXT:
             return matches
         seen: set[str] = set()
         state = 0

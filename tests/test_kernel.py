@@ -225,9 +225,12 @@ def test_completions_are_bounded_in_size(harness):
     matches = r["content"]["matches"]
     assert 300 < len(matches) < 1000 and sum(map(len, matches)) <= 1 << 20
     assert matches[0].startswith("wide.a0000x")
-    harness.request("complete_request", {"text": "print.__self__." * 10_000})
+    harness.request("complete_request", {"text": "print.__self__." * 700})  # 10.5k
     _, r = harness.recv()
     assert r["content"] == {"matches": [], "status": "ok"}
+    harness.request("complete_request", {"text": "print.__self__." * 600 + "prin"})
+    _, r = harness.recv()
+    assert r["content"]["matches"] == ["print.__self__." * 600 + "print("]
 
 
 def test_only_short_code_is_kept_compiled():
@@ -255,6 +258,8 @@ def test_abort_of_many_ids_keeps_the_newest_and_answers_at_once(harness):
     assert len(aborted) == 100_000
     assert "new-249999" in aborted and "new-150000" in aborted
     assert "new-149999" not in aborted and "old-249999" not in aborted
+    harness.kernel.mark_aborted(["new-150000"] + ["newer-%d" % i for i in range(99_999)])
+    assert "new-150000" in aborted and "new-150001" not in aborted  # named again: kept
     _, r = execute(harness, "still = 1")
     assert r["content"] == {"status": "ok"}
 
