@@ -404,12 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_url=args.log_url)
         context = zmq.Context()
         pub_handler = _setup_logging(config, context)
-    except ConfigError as e:
-        print("streamkernel: %s" % e, file=sys.stderr)
-        return EXIT_CONFIG
-    try:
         return _run(config, context, pub_handler)
-    except ConfigError as e:  # found only when connecting (a transport libzmq lacks)
+    except ConfigError as e:  # also one found only when connecting (a transport libzmq lacks)
         print("streamkernel: %s" % e, file=sys.stderr)
         return EXIT_CONFIG
     except Exception as e:  # one line for operators; the traceback at DEBUG

@@ -214,6 +214,15 @@ def test_complete_request_with_a_long_line_answers_at_once(harness):
     assert r["content"]["status"] == "ok"
 
 
+@pytest.mark.parametrize("line, token", [
+    ("", ""), ("x = foo.ba", "foo.ba"), ("print(os.pa", "os.pa"), ("a b", "b"),
+    ("x = café.nöm", "café.nöm"), ("1+", ""), ("\udcff.x", ".x"), ("a" * 100_000 + "!", ""),
+])
+def test_the_token_before_the_cursor(line, token):
+    from streamkernel.kernel import _last_token
+    assert _last_token(line) == token
+
+
 def test_completions_are_bounded_in_size(harness):
     """Each match repeats the dotted text before its name: a long text completes
     nothing, and all matches together stay within 1 MiB of characters."""
