@@ -18,6 +18,7 @@ SIGNATURE_SCHEMES = ("hmac-md5", "hmac-sha256")
 _Z85 = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
                  ".-:+=^!/*?&<>()[]{}@%$#")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MAX_BUSY_POLL_US = 100_000
 _MAX_FILE = 1 << 20
 _TCP_URL = re.compile(r"^tcp://(\*|[\w.-]+|\[[0-9a-fA-F:.]+\]):(\d{1,5})$")
 _TRANSPORTS = ("tcp", "ipc", "inproc", "pgm", "epgm", "ws", "wss")
@@ -41,6 +42,7 @@ class EngineConfig:
     timeout: float = 2.0
     registration_retries: int = 0
     heartbeat_timeout: float = 10.0
+    busy_poll_us: int = 200
     insecure: bool = False
     log_level: str = "INFO"
     log_file: str = ""
@@ -81,6 +83,9 @@ class EngineConfig:
         if not (self.heartbeat_timeout >= 0 and math.isfinite(self.heartbeat_timeout)):
             raise ConfigError("heartbeat_timeout must be >= 0 (0 disables), not %r"
                               % self.heartbeat_timeout)
+        if not 0 <= self.busy_poll_us <= MAX_BUSY_POLL_US:
+            raise ConfigError("busy_poll_us must be from 0 to %d microseconds, not %r"
+                              % (MAX_BUSY_POLL_US, self.busy_poll_us))
         if self.log_level not in LOG_LEVELS:
             raise ConfigError("log_level %r is not one of %s"
                               % (self.log_level, ", ".join(LOG_LEVELS)))

@@ -184,7 +184,8 @@ class Engine:
         self.kernel = Kernel(session=self.session, control_stream=control, shell_streams=[shell],
                              iopub_stream=iopub, loop=self.loop, int_id=self.id,
                              ident=self.ident, user_ns=self.user_ns, exec_lines=self.exec_lines,
-                             on_shutdown=lambda: self.exit(EXIT_OK), on_stuck=self._exit_now)
+                             on_shutdown=lambda: self.exit(EXIT_OK), on_stuck=self._exit_now,
+                             busy_poll=self.config.busy_poll_us / 1e6)
         self.kernel.interrupt_by_signal = True
         self.kernel.start()
         self.heart = Heartbeat(self.context, ping_url, pong_url, self.ident.encode("ascii"),
@@ -350,6 +351,11 @@ def _parser() -> argparse.ArgumentParser:
                    metavar="SECONDS",
                    help="exit when the hub's heartbeat stops this long; 0 never (default: %s)"
                         % d.heartbeat_timeout)
+    p.add_argument("--busy-poll-us", type=_number(int, 0, strict=False), default=None,
+                   metavar="N",
+                   help="after a request, look for the next one for up to N microseconds "
+                        "without sleeping, while requests come that close together; 0 never "
+                        "(default: %s)" % d.busy_poll_us)
     p.add_argument("--insecure", action="store_const", const=True, default=None,
                    help="allow an empty exec_key: messages go unsigned (default: refuse)")
     p.add_argument("--version", action="version", version="%(prog)s " + __version__)
@@ -399,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = EngineConfig.from_file(
             args.config, timeout=args.timeout, heartbeat_timeout=args.heartbeat_timeout,
-            registration_retries=args.registration_retries,
+            registration_retries=args.registration_retries, busy_poll_us=args.busy_poll_us,
             insecure=args.insecure, log_level=args.log_level, log_file=args.log_file,
             log_url=args.log_url)
         context = zmq.Context()

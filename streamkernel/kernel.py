@@ -11,6 +11,7 @@ import ast
 import ctypes
 import functools
 import logging
+import math
 import os
 import re
 import rlcompleter
@@ -84,6 +85,10 @@ class Kernel:
     on_stuck : callable
         Called from the control thread when running code ignores the interrupt of
         a shutdown for ``shutdown_grace`` seconds (the engine process exits).
+    busy_poll : float
+        Seconds to keep looking for the next shell message, without sleeping, after
+        the queue runs dry, while requests come that close together (0: never). The
+        loop waits meanwhile; control messages that come are served.
     """
 
     def __init__(self, *, session: Session | None = None, control_stream: Any = None,
@@ -93,7 +98,8 @@ class Kernel:
                  exec_lines: Iterable[str] = (), log: logging.Logger | None = None,
                  client: Any = None, on_shutdown: Callable[[], None] | None = None,
                  shutdown_delay: float = 1.0, on_stuck: Callable[[], None] | None = None,
-                 shutdown_grace: float = 5.0, **legacy: Any) -> None:
+                 shutdown_grace: float = 5.0, busy_poll: float = 0.0,
+                 **legacy: Any) -> None:
         self.log = log or globals()["log"]
         for name in legacy:  # 0.11 traitlets options with no meaning here (config=...)
             self.log.debug("ignoring Kernel option %r", name)
@@ -115,6 +121,12 @@ class Kernel:
         self.on_shutdown = on_shutdown
         self.shutdown_delay = shutdown_delay
         self.on_stuck = on_stuck
+        if not busy_poll >= 0:
+            raise ValueError("busy_poll must be >= 0 seconds, not %r" % (busy_poll,))
+        self.busy_poll = busy_poll
+        #: when the shell queue last ran dry, and whether to busy-poll when it next does
+        self._idle_since = -math.inf
+        self._polling = False
         self.aborted: OrderedDict[str, None] = OrderedDict()
         #: control requests received while a request ran, served before the next one
         self.deferred_control: deque[tuple[Any, list[bytes], dict[str, Any], dict]] = deque()
@@ -196,18 +208,41 @@ class Kernel:
         socket = stream.socket
 
         def dispatcher(frames: list) -> None:
-            # serve what else is already queued without a loop round trip per message;
-            # control is served before each shell message is taken off its socket
+            # serve what else is already queued (or comes within busy_poll) without a
+            # loop round trip per message; control is served before each shell message
+            self._polling = time.perf_counter() - self._idle_since < self.busy_poll
             self.dispatch_queue(stream, frames)
             for _ in range(_BATCH):
-                if stream.closed() or self.shutting_down or not has_message(socket):
+                if stream.closed() or self.shutting_down or not self._next_waits(socket):
                     return
                 self.serve_control()  # before taking the next one, which an abort may cover
                 waiting = recv_frames(socket, check=False)
                 if waiting is None:
                     return
                 self._serve_shell(stream, waiting)
+            self._idle_since = time.perf_counter()  # back to the loop with more waiting
         return dispatcher
+
+    def _next_waits(self, socket: Any) -> bool:
+        """True when a message waits on ``socket``. When the queue has run dry, look
+        again for up to ``busy_poll`` seconds if the last message came within that
+        long of the queue running dry: a sleeping thread takes long to wake up."""
+        if has_message(socket):
+            return True
+        self._idle_since = start = time.perf_counter()
+        if not self._polling:
+            return False
+        control = self.control_stream
+        deadline = start + self.busy_poll
+        while time.perf_counter() < deadline:
+            if has_message(socket):
+                return True
+            if control is not None and not control.closed() and has_message(control.socket):
+                self.serve_control()  # asked, so its socket will not wake the loop for it
+                if self.shutting_down:
+                    return False
+        self._polling = False  # requests come further apart: sleep until one comes
+        return False
 
     # -- sending --------------------------------------------------------------------
 

@@ -14,8 +14,10 @@ engine's variables as their globals.
 """
 from __future__ import annotations
 
+import ctypes
 import io
 import pickle
+import threading
 import types
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -46,7 +48,70 @@ class _Pickler(pickle.Pickler):
 
 
 def _as_bytes(buf: Any) -> bytes:
-    return buf if type(buf) is bytes else bytes(buf)
+    if type(buf) is bytes:
+        return buf
+    view = memoryview(buf)
+    if view.nbytes >= SPLIT_COPY and view.c_contiguous and _copy_api is not None:
+        return _copy_in_two(view, *_copy_api)
+    return bytes(view)
+
+
+#: Buffers at least this large become ``bytes`` in two threads at once: such a copy
+#: mostly waits for the kernel to map fresh pages, which two threads do side by side.
+SPLIT_COPY = 8 << 20
+
+
+class _PyBuffer(ctypes.Structure):
+    """``Py_buffer`` of the C API: where a buffer's bytes are."""
+
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int),
+                ("ndim", ctypes.c_int), ("format", ctypes.c_char_p),
+                ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+
+def _load_copy_api() -> tuple[Any, Any, Any, Any] | None:
+    try:
+        api = ctypes.pythonapi
+        new, data = api.PyBytes_FromStringAndSize, api.PyBytes_AsString
+        get, release = api.PyObject_GetBuffer, api.PyBuffer_Release
+    except (AttributeError, OSError):  # not CPython
+        return None
+    new.restype, new.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_ssize_t)
+    data.restype, data.argtypes = ctypes.c_void_p, (ctypes.py_object,)
+    get.restype, get.argtypes = ctypes.c_int, (
+        ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int)
+    release.restype, release.argtypes = None, (ctypes.POINTER(_PyBuffer),)
+    return new, data, get, release
+
+
+_copy_api = _load_copy_api()
+
+
+def _copy_in_two(view: memoryview, new: Any, data: Any, get: Any, release: Any) -> bytes:
+    """``bytes(view)``, its second half copied by a helper thread. The new object is
+    filled before anything else can see it, as the C API allows for an object made by
+    ``PyBytes_FromStringAndSize(NULL, size)``; ``view`` keeps the source alive."""
+    size = view.nbytes
+    result = new(None, size)
+    dst = data(result)
+    info = _PyBuffer()
+    get(view, ctypes.byref(info), 0)  # PyBUF_SIMPLE: the start of a contiguous buffer
+    src = info.buf
+    release(ctypes.byref(info))
+    half = size // 2
+    # the helper holds its own references: an interrupt of this thread frees nothing it uses
+    helper = threading.Thread(target=_memmove, daemon=True,
+                              args=(dst + half, src + half, size - half, result, view))
+    helper.start()
+    ctypes.memmove(dst, src, half)  # both memmoves run without the interpreter lock
+    helper.join()
+    return result
+
+
+def _memmove(dst: int, src: int, size: int, *keep_alive: Any) -> None:
+    ctypes.memmove(dst, src, size)
 
 
 def _as_memoryview(buf: Any) -> memoryview:

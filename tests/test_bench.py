@@ -17,7 +17,7 @@ BENCH = os.path.join(ROOT, "scripts", "bench.py")
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_bench_prints_figures_and_ratios_for_every_engine() -> None:
-    proc = subprocess.run([sys.executable, BENCH, "--rounds", "1", "--requests", "300",
+    proc = subprocess.run([sys.executable, BENCH, "--rounds", "2", "--requests", "300",
                            "--memory-requests", "12000"], cwd=ROOT, env=py3_env(),
                           capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr
@@ -37,4 +37,6 @@ def test_bench_prints_figures_and_ratios_for_every_engine() -> None:
     assert ours["rss_growth_MB"] == pytest.approx(
         ours["rss_after_12k_MB"] - ours["rss_after_10k_MB"], abs=0.15)
     assert set(result["ratios"]) == {"ours/floor", "ours/transport"}
+    rounds = ours["rounds"]["execute_w1_per_s"]  # each round's figure beside the median
+    assert len(rounds) == 2 and ours["execute_w1_per_s"] == pytest.approx(sum(rounds) / 2)
     assert result["ratios"]["ours/floor"]["echo_100MB_again_MB_per_s"] > 0

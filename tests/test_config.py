@@ -49,6 +49,13 @@ def test_from_file_minimal_and_engine_options(tmp_path: Path) -> None:
     assert cfg.heartbeat_timeout == 0
 
 
+def test_busy_poll_defaults_to_200_microseconds_and_0_turns_it_off(tmp_path: Path) -> None:
+    assert EngineConfig.from_file(write(tmp_path, GOOD)).busy_poll_us == 200
+    cfg = EngineConfig.from_file(write(tmp_path, dict(GOOD, busy_poll_us=0)))
+    assert cfg.busy_poll_us == 0
+    assert EngineConfig.from_file(write(tmp_path, GOOD), busy_poll_us=50).busy_poll_us == 50
+
+
 def test_overrides_win_and_none_is_ignored(tmp_path: Path) -> None:
     path = write(tmp_path, GOOD)
     cfg = EngineConfig.from_file(path, timeout=7.5, heartbeat_timeout=None, insecure=None)
@@ -128,6 +135,7 @@ def test_missing_required_key(tmp_path: Path, missing: str) -> None:
     ("ssh", 1), ("location", ["x"]),
     ("timeout", "2"), ("timeout", True), ("timeout", None), ("timeout", [2]),
     ("heartbeat_timeout", "10"), ("heartbeat_timeout", False),
+    ("busy_poll_us", 1.5), ("busy_poll_us", "200"), ("busy_poll_us", True),
     ("insecure", "yes"), ("insecure", 1), ("insecure", 0.0),
     ("signature_scheme", 5),
 ])
@@ -142,6 +150,7 @@ def test_wrong_types(tmp_path: Path, key: str, value: Any) -> None:
     ("timeout", 0), ("timeout", -1),
     ("heartbeat_timeout", -0.5),
     ("timeout", float("nan")), ("heartbeat_timeout", float("nan")),
+    ("busy_poll_us", -1), ("busy_poll_us", 100_001),
 ])
 def test_bad_values(tmp_path: Path, key: str, value: Any) -> None:
     with pytest.raises(ConfigError):

@@ -145,6 +145,8 @@ def test_sigterm_while_idle_exits_0(hub, tmp_path, procs):
      "location '10.0.0.5 ' is not a host name or an IP address"),
     ('{"url": "tcp://*:5555", "exec_key": "k", "location": "my host"}',
      "location 'my host' is not a host name or an IP address"),
+    ('{"url": "tcp://127.0.0.1:1", "exec_key": "k", "busy_poll_us": 100001}',
+     "busy_poll_us must be from 0 to 100000 microseconds, not 100001"),
 ])
 def test_config_errors_are_one_line_and_exit_1(tmp_path, procs, content, message):
     path = tmp_path / "engine.json"
@@ -165,6 +167,9 @@ def test_version_and_help():
     out = subprocess.run([sys.executable, "-m", "streamkernel", "--help"],
                          capture_output=True, text=True, env=py3_env())
     assert out.returncode == 0 and "--config" in out.stdout and "--insecure" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "streamkernel", "--config", "x.json",
+                          "--busy-poll-us", "-1"], capture_output=True, text=True, env=py3_env())
+    assert out.returncode == 2 and "'-1' must be >= 0" in out.stderr
 
 
 def test_sigint_interrupts_running_code_and_exits_when_idle(hub, tmp_path, procs):

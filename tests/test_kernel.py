@@ -8,7 +8,7 @@ import time
 import pytest
 
 from streamkernel import protocol
-from streamkernel.kernel import _shutdown_reply
+from streamkernel.kernel import Kernel, _shutdown_reply
 from streamkernel.serialize import deserialize_object, interactive, pack_apply_message
 
 from .harness import CLIENT_ID, ENGINE_ID
@@ -352,6 +352,46 @@ def test_idle_watcher_parks_and_a_request_after_idle_wakes_it(harness):
     time.sleep(0.2)
     assert watcher.parked and watcher.is_alive()
     assert_long_request_aborted(harness, lambda: not watcher.parked)
+
+
+def test_busy_poll_serves_requests_and_control_while_the_loop_waits(make_harness):
+    h = make_harness(busy_poll=30.0, shutdown_delay=0.1)
+    execute(h, "a = 1")  # the first request after idle: the kernel sleeps after it
+    h.call(lambda: None)
+    execute(h, "a += 1")  # one close after another: the kernel busy-polls after this one
+    ran = threading.Event()
+    h.loop.add_callback(ran.set)  # runs once the busy poll gives the loop back
+    _, reply = execute(h, "a += 1")
+    assert reply["content"] == {"status": "ok"} and not ran.is_set()
+    h.request("abort_request", {"msg_ids": ["later"]}, kind="control")
+    _, reply = h.recv("control")
+    assert reply["content"] == {"status": "ok"} and not ran.is_set()
+    h.request("shutdown_request", {"restart": False}, kind="control")
+    _, reply = h.recv("control")  # a shutdown ends the busy poll
+    assert reply["content"]["status"] == "ok"
+    assert ran.wait(10) and h.shutdown_called.wait(10)
+
+
+def test_busy_poll_stops_when_requests_come_further_apart(make_harness):
+    h = make_harness(busy_poll=30.0)
+    execute(h, "a = 1")
+    h.call(lambda: None)  # after a request that came after idle, the loop is free at once
+    h.kernel.busy_poll = 0.05
+    execute(h, "a = 2")  # close to the first: a busy poll follows, and finds nothing
+    time.sleep(0.2)
+    assert h.call(lambda: h.kernel._polling) is False
+    execute(h, "a = 3")  # 0.2 s after the queue ran dry: no busy poll after this one
+    assert h.call(lambda: h.kernel._polling) is False
+    _, reply = execute(h, "a")
+    assert reply["content"] == {"status": "ok"}
+
+
+def test_busy_poll_is_off_for_embedding_hosts_unless_asked():
+    assert Kernel().busy_poll == 0
+    with pytest.raises(ValueError, match="busy_poll"):
+        Kernel(busy_poll=-1)
+    with pytest.raises(ValueError, match="busy_poll"):
+        Kernel(busy_poll=float("nan"))
 
 
 def test_kernel_stopped_and_started_again_serves_and_is_watched(harness):

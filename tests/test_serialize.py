@@ -17,7 +17,8 @@ import pytest
 import zmq
 
 from streamkernel.errors import SerializationError
-from streamkernel.serialize import (COPY_THRESHOLD, deserialize_object, interactive,
+from streamkernel.serialize import (COPY_THRESHOLD, SPLIT_COPY, _as_bytes, deserialize_object,
+                                    interactive,
                                     is_legacy_payload, pack_apply_message, serialize_object,
                                     unpack_apply_message, unserialize_object)
 
@@ -191,6 +192,23 @@ def test_large_bytearray_goes_out_of_band() -> None:
     assert address(frames[1]) == address(data)
     got, _ = deserialize_object([frames[0], bytes(frames[1])])
     assert got == data and type(got) is bytearray
+
+
+@pytest.mark.parametrize("extra", [0, 1, 4097])
+def test_large_frames_become_bytes_copied_in_two_halves(extra: int) -> None:
+    data = bytes(range(251)) * ((SPLIT_COPY + extra) // 251 + 1)  # every byte in its place
+    data = data[:SPLIT_COPY + extra]
+    frames = serialize_object(data)
+    received = zmq.Frame(bytes(frames[1]))  # read-only, as the engine receives it
+    got, _ = deserialize_object([frames[0], received])
+    assert type(got) is bytes and got == data
+    assert address(got) != address(received)
+
+
+def test_large_bytes_from_a_read_only_view_of_another_type() -> None:
+    backing = bytes(range(256)) * (SPLIT_COPY // 256 + 1)
+    view = memoryview(backing).cast("B", shape=[len(backing)]).toreadonly().cast("I")
+    assert _as_bytes(view) == backing
 
 
 def test_extra_frames_are_returned_unused() -> None:
