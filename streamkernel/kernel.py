@@ -27,6 +27,7 @@ import zmq
 from tornado.ioloop import IOLoop
 
 from . import legacy, protocol
+from .config import MAX_BUSY_POLL_US
 from .errors import MessageError, UnmetDependency, error_content
 from .outstream import DisplayHook, OutStream, finish_output, redirect
 from .serialize import is_legacy_payload, serialize_object, unpack_apply_message
@@ -121,8 +122,10 @@ class Kernel:
         self.on_shutdown = on_shutdown
         self.shutdown_delay = shutdown_delay
         self.on_stuck = on_stuck
-        if not busy_poll >= 0:
-            raise ValueError("busy_poll must be >= 0 seconds, not %r" % (busy_poll,))
+        if isinstance(busy_poll, bool) or not isinstance(busy_poll, (int, float)) or not (
+                0 <= busy_poll <= MAX_BUSY_POLL_US / 1e6):
+            raise ValueError("busy_poll must be a number of seconds from 0 to %g, not %r"
+                             % (MAX_BUSY_POLL_US / 1e6, busy_poll))
         self.busy_poll = busy_poll
         #: when the shell queue last ran dry, and whether to busy-poll when it next does
         self._idle_since = -math.inf

@@ -355,7 +355,8 @@ def test_idle_watcher_parks_and_a_request_after_idle_wakes_it(harness):
 
 
 def test_busy_poll_serves_requests_and_control_while_the_loop_waits(make_harness):
-    h = make_harness(busy_poll=30.0, shutdown_delay=0.1)
+    h = make_harness(busy_poll=0.1, shutdown_delay=0.1)
+    h.kernel.busy_poll = 30.0  # beyond what Kernel() takes: long enough that nothing races
     execute(h, "a = 1")  # the first request after idle: the kernel sleeps after it
     h.call(lambda: None)
     execute(h, "a += 1")  # one close after another: the kernel busy-polls after this one
@@ -373,7 +374,8 @@ def test_busy_poll_serves_requests_and_control_while_the_loop_waits(make_harness
 
 
 def test_busy_poll_stops_when_requests_come_further_apart(make_harness):
-    h = make_harness(busy_poll=30.0)
+    h = make_harness(busy_poll=0.1)
+    h.kernel.busy_poll = 30.0  # beyond what Kernel() takes: a busy poll would hold call()
     execute(h, "a = 1")
     h.call(lambda: None)  # after a request that came after idle, the loop is free at once
     h.kernel.busy_poll = 0.05
@@ -387,11 +389,14 @@ def test_busy_poll_stops_when_requests_come_further_apart(make_harness):
 
 
 def test_busy_poll_is_off_for_embedding_hosts_unless_asked():
-    assert Kernel().busy_poll == 0
-    with pytest.raises(ValueError, match="busy_poll"):
-        Kernel(busy_poll=-1)
-    with pytest.raises(ValueError, match="busy_poll"):
-        Kernel(busy_poll=float("nan"))
+    assert Kernel().busy_poll == 0 and Kernel(busy_poll=0.1).busy_poll == 0.1
+
+
+@pytest.mark.parametrize("value", [-1, -1e-9, 0.1001, 10**400, float("nan"), float("inf"),
+                                   True, "0.001", None])
+def test_busy_poll_must_be_a_number_of_seconds_up_to_a_tenth(value):
+    with pytest.raises(ValueError, match="busy_poll must be a number of seconds from 0 to 0.1"):
+        Kernel(busy_poll=value)
 
 
 def test_kernel_stopped_and_started_again_serves_and_is_watched(harness):
