@@ -23,7 +23,8 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 from zmq.eventloop.zmqstream import ZMQStream
 
 from . import __version__, protocol
-from .config import LOG_LEVELS, EngineConfig, disambiguate_url, is_local_address
+from .config import (LOG_LEVELS, MAX_BUSY_POLL_US, EngineConfig, disambiguate_url,
+                     is_local_address)
 from .errors import ConfigError, MessageError
 from .heartbeat import Heartbeat
 from .kernel import Kernel
@@ -308,16 +309,23 @@ def _is_loopback_url(url: str) -> bool:
 _LOG_FORMAT = "%(asctime)s streamkernel %(levelname)s %(message)s"
 
 
-def _number(kind: Callable[[str], Any], minimum: float, strict: bool) -> Callable[[str], Any]:
-    """An argparse type: a finite number above (or, unless strict, equal to) ``minimum``."""
+def _number(kind: Callable[[str], Any], minimum: float, strict: bool,
+            maximum: float = math.inf) -> Callable[[str], Any]:
+    """An argparse type: a finite number above (or, unless strict, equal to) ``minimum``,
+    and at most ``maximum``."""
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError("%r is not a number" % text) from None
-        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-            raise argparse.ArgumentTypeError("%r must be %s %s" % (
-                text, ">" if strict else ">=", minimum))
+        shown = repr(text if len(text) <= 40 else text[:40] + "...")
+        if value != value or value in (math.inf, -math.inf):  # NaN, or a float overflow
+            raise argparse.ArgumentTypeError("%s is not a finite number" % shown)
+        if value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError("%s must be %s %s" % (
+                shown, ">" if strict else ">=", minimum))
+        if value > maximum:
+            raise argparse.ArgumentTypeError("%s must be at most %s" % (shown, maximum))
         return value
     return parse
 
@@ -351,11 +359,11 @@ def _parser() -> argparse.ArgumentParser:
                    metavar="SECONDS",
                    help="exit when the hub's heartbeat stops this long; 0 never (default: %s)"
                         % d.heartbeat_timeout)
-    p.add_argument("--busy-poll-us", type=_number(int, 0, strict=False), default=None,
-                   metavar="N",
+    p.add_argument("--busy-poll-us", type=_number(int, 0, False, MAX_BUSY_POLL_US),
+                   default=None, metavar="N",
                    help="after a request, look for the next one for up to N microseconds "
-                        "without sleeping, while requests come that close together; 0 never "
-                        "(default: %s)" % d.busy_poll_us)
+                        "(at most %d) without sleeping, while requests come that close "
+                        "together; 0 never (default: %s)" % (MAX_BUSY_POLL_US, d.busy_poll_us))
     p.add_argument("--insecure", action="store_const", const=True, default=None,
                    help="allow an empty exec_key: messages go unsigned (default: refuse)")
     p.add_argument("--version", action="version", version="%(prog)s " + __version__)

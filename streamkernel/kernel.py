@@ -399,6 +399,15 @@ class Kernel:
             unpacked = self._unpack(frames, "shell")
             if unpacked is not None:
                 self._reply_aborted(stream, *unpacked)
+        # Receiving and sending on the shell sockets here, maybe from a control callback
+        # or the control thread, takes the wake-up their edge-triggered file descriptors
+        # gave for a message that came meanwhile: have the streams look again.
+        self.loop.add_callback(self._look_at_shell)
+
+    def _look_at_shell(self) -> None:
+        for stream in self.shell_streams:
+            if not stream.closed():
+                stream._handle_events(stream.socket, 0)
 
     def abort_request(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
         """Abort the named queued requests, or all waiting ones when none are named."""

@@ -101,17 +101,36 @@ def _copy_in_two(view: memoryview, new: Any, data: Any, get: Any, release: Any) 
     src = info.buf
     release(ctypes.byref(info))
     half = size // 2
-    # the helper holds its own references: an interrupt of this thread frees nothing it uses
-    helper = threading.Thread(target=_memmove, daemon=True,
-                              args=(dst + half, src + half, size - half, result, view))
-    helper.start()
-    ctypes.memmove(dst, src, half)  # both memmoves run without the interpreter lock
-    helper.join()
+    # the helper holds its own references, so nothing it uses is freed under it
+    finished = threading.Event()
+    threading.Thread(target=_memmove, daemon=True, args=(
+        dst + half, src + half, size - half, finished, result, view)).start()
+    try:
+        ctypes.memmove(dst, src, half)  # both memmoves run without the interpreter lock
+    finally:
+        _wait(finished)
     return result
 
 
-def _memmove(dst: int, src: int, size: int, *keep_alive: Any) -> None:
-    ctypes.memmove(dst, src, size)
+def _memmove(dst: int, src: int, size: int, finished: threading.Event, *keep_alive: Any) -> None:
+    try:
+        ctypes.memmove(dst, src, size)
+    finally:
+        finished.set()
+
+
+def _wait(finished: threading.Event) -> None:
+    """Wait until ``finished`` is set; an interrupt meanwhile is raised after, so an
+    interrupted request leaves no copy running beside the next one."""
+    interrupted: BaseException | None = None
+    while True:
+        try:
+            finished.wait()
+            break
+        except BaseException as e:  # KeyboardInterrupt
+            interrupted = e
+    if interrupted is not None:
+        raise interrupted
 
 
 def _as_memoryview(buf: Any) -> memoryview:

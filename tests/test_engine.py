@@ -167,9 +167,32 @@ def test_version_and_help():
     out = subprocess.run([sys.executable, "-m", "streamkernel", "--help"],
                          capture_output=True, text=True, env=py3_env())
     assert out.returncode == 0 and "--config" in out.stdout and "--insecure" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "streamkernel", "--config", "x.json",
-                          "--busy-poll-us", "-1"], capture_output=True, text=True, env=py3_env())
-    assert out.returncode == 2 and "'-1' must be >= 0" in out.stderr
+
+
+HUGE = "1" + "0" * 400  # an int too large for a float
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--busy-poll-us", "-1", "'-1' must be >= 0"),
+    ("--busy-poll-us", "100001", "'100001' must be at most 100000"),
+    ("--busy-poll-us", HUGE, "must be at most 100000"),
+    ("--busy-poll-us", "2.5", "'2.5' is not a number"),
+    ("--registration-retries", HUGE, None),  # a valid count: the config is read next
+    ("--timeout", HUGE, "is not a finite number"),
+    ("--timeout", "nan", "'nan' is not a finite number"),
+    ("--heartbeat-timeout", "inf", "'inf' is not a finite number"),
+])
+def test_bad_numbers_on_the_command_line_are_one_line_and_exit_2(tmp_path, option, value,
+                                                                   message):
+    out = subprocess.run([sys.executable, "-m", "streamkernel", "--config",
+                          str(tmp_path / "none.json"), option, value],
+                         capture_output=True, text=True, env=py3_env(), timeout=30)
+    last = out.stderr.strip().splitlines()[-1]
+    if message is None:
+        assert out.returncode == 1 and last.startswith("streamkernel: cannot read")
+    else:  # argparse's usage, then one line
+        assert out.returncode == 2 and last.startswith("streamkernel: error: ") and message in last
+    assert "Traceback" not in out.stderr
 
 
 def test_sigint_interrupts_running_code_and_exits_when_idle(hub, tmp_path, procs):

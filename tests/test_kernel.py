@@ -165,6 +165,21 @@ def test_abort_all_drops_a_bad_message_it_finds_first_and_aborts_the_rest(harnes
     assert harness.kernel.user_ns["ran"] == "after"
 
 
+@pytest.mark.timeout(60)
+def test_aborts_of_everything_waiting_amid_requests_never_stall_the_shell_queue(harness):
+    # an abort from control receives and sends on the shell socket, which takes the
+    # wake-up of a shell message that came meanwhile: it must still be served
+    sent = received = 0
+    while received < 20000:
+        while sent - received < 8:
+            harness.request("execute_request", {"code": "pass"})
+            sent += 1
+            if sent % 20 == 0:
+                harness.request("abort_request", {}, kind="control")
+        harness.recv(timeout=5)
+        received += 1
+
+
 def test_abort_naming_the_first_waiting_request_keeps_the_rest(harness):
     hold_the_loop(harness)
     sent = [harness.request("execute_request", {"code": "ran = %d" % i}) for i in range(3)]

@@ -9,7 +9,9 @@ import functools
 import math
 import operator
 import pickle
+import signal
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +19,8 @@ import pytest
 import zmq
 
 from streamkernel.errors import SerializationError
-from streamkernel.serialize import (COPY_THRESHOLD, SPLIT_COPY, _as_bytes, deserialize_object,
+from streamkernel.serialize import (COPY_THRESHOLD, SPLIT_COPY, _as_bytes, _wait,
+                                    deserialize_object,
                                     interactive,
                                     is_legacy_payload, pack_apply_message, serialize_object,
                                     unpack_apply_message, unserialize_object)
@@ -203,6 +206,16 @@ def test_large_frames_become_bytes_copied_in_two_halves(extra: int) -> None:
     got, _ = deserialize_object([frames[0], received])
     assert type(got) is bytes and got == data
     assert address(got) != address(received)
+
+
+def test_an_interrupt_of_a_split_copy_waits_for_the_helper_thread() -> None:
+    finished = threading.Event()
+    threading.Timer(0.5, finished.set).start()  # the helper's copy ends in 0.5 s
+    main = threading.get_ident()
+    threading.Timer(0.05, signal.pthread_kill, (main, signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        _wait(finished)
+    assert finished.is_set()  # raised only once the helper had finished
 
 
 def test_large_bytes_from_a_read_only_view_of_another_type() -> None:
