@@ -399,10 +399,11 @@ class Kernel:
             unpacked = self._unpack(frames, "shell")
             if unpacked is not None:
                 self._reply_aborted(stream, *unpacked)
-        # Receiving and sending on the shell sockets here, maybe from a control callback
-        # or the control thread, takes the wake-up their edge-triggered file descriptors
-        # gave for a message that came meanwhile: have the streams look again.
-        self.loop.add_callback(self._look_at_shell)
+        if waiting:
+            # Sending on the shell sockets here, maybe from a control callback or the
+            # control thread, takes the wake-up their edge-triggered file descriptors
+            # gave for a message that came meanwhile: have the streams look again.
+            self.loop.add_callback(self._look_at_shell)
 
     def _look_at_shell(self) -> None:
         for stream in self.shell_streams:

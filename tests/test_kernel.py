@@ -165,6 +165,24 @@ def test_abort_all_drops_a_bad_message_it_finds_first_and_aborts_the_rest(harnes
     assert harness.kernel.user_ns["ran"] == "after"
 
 
+def test_shell_streams_look_again_only_after_aborted_replies(harness):
+    looks = []
+    harness.kernel._look_at_shell = lambda: looks.append(1)  # schedules nothing per request
+    for _ in range(50):
+        execute(harness, "pass")
+    execute(harness, "1/0")  # stop on error with nothing waiting
+    assert looks == []
+    msgs = [harness.request("execute_request", {"code": c})
+            for c in ("import time; time.sleep(0.3)", "x = 1")]
+    time.sleep(0.1)
+    harness.request("abort_request", {}, kind="control")
+    harness.recv("control")
+    replies = {r["parent_header"]["msg_id"]: r["content"]["status"]
+               for r in (harness.recv()[1] for _ in msgs)}
+    assert [replies[m["msg_id"]] for m in msgs] == ["ok", "aborted"]
+    assert harness.call(lambda: len(looks)) == 1
+
+
 @pytest.mark.timeout(60)
 def test_aborts_of_everything_waiting_amid_requests_never_stall_the_shell_queue(harness):
     # an abort from control receives and sends on the shell socket, which takes the
