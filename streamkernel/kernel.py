@@ -238,12 +238,12 @@ class Kernel:
         control = self.control_stream
         deadline = start + self.busy_poll
         while time.perf_counter() < deadline:
-            if has_message(socket):
-                return True
             if control is not None and not control.closed() and has_message(control.socket):
                 self.serve_control()  # asked, so its socket will not wake the loop for it
                 if self.shutting_down:
                     return False
+            if has_message(socket):
+                return True
         self._polling = False  # requests come further apart: sleep until one comes
         return False
 

@@ -52,7 +52,7 @@ def _as_bytes(buf: Any) -> bytes:
         return buf
     view = memoryview(buf)
     if view.nbytes >= SPLIT_COPY and view.c_contiguous and _copy_api is not None:
-        return _copy_in_two(view, *_copy_api)
+        return _copy_in_two(view)
     return bytes(view)
 
 
@@ -89,10 +89,11 @@ def _load_copy_api() -> tuple[Any, Any, Any, Any] | None:
 _copy_api = _load_copy_api()
 
 
-def _copy_in_two(view: memoryview, new: Any, data: Any, get: Any, release: Any) -> bytes:
+def _copy_in_two(view: memoryview) -> bytes:
     """``bytes(view)``, its second half copied by a helper thread. The new object is
     filled before anything else can see it, as the C API allows for an object made by
     ``PyBytes_FromStringAndSize(NULL, size)``; ``view`` keeps the source alive."""
+    new, data, get, release = _copy_api  # type: ignore[misc]
     size = view.nbytes
     result = new(None, size)
     dst = data(result)

@@ -406,6 +406,38 @@ def test_busy_poll_serves_requests_and_control_while_the_loop_waits(make_harness
     assert ran.wait(10) and h.shutdown_called.wait(10)
 
 
+def test_bad_messages_during_a_busy_poll_are_dropped_and_never_run(make_harness):
+    h = make_harness(busy_poll=0.1)
+    h.kernel.busy_poll = 30.0  # beyond what Kernel() takes: the kernel polls throughout
+    execute(h, "ran = []")
+    h.call(lambda: None)
+    execute(h, "ran.append(0)")  # close to the first: the kernel busy-polls after this one
+    for kind in ("mux", "control"):
+        for bad in ("forged", "unsigned", "no delimiter", "not json", "unicode"):
+            frames = h.client.serialize(h.client.msg(
+                "execute_request", {"code": "ran.append('%s %s \u00e9')" % (kind, bad)}),
+                [CLIENT_ID])
+            delim = frames.index(protocol.DELIM)
+            if bad == "forged":
+                frames[delim + 1] = b"0" * 32
+            elif bad == "unsigned":
+                frames[delim + 1] = b""
+            elif bad == "no delimiter":
+                del frames[delim]
+            elif bad == "not json":
+                frames[delim + 4] = b'{"code": "\xc3'  # cut UTF-8 and JSON, signed as sent
+                frames[delim + 1] = h.client.sign(frames[delim + 2:delim + 5])
+            else:  # valid UTF-8 in the content, the signature of other bytes
+                frames[delim + 4] = frames[delim + 4].replace(b"ran", b"r\xc3\xa9n")
+            h.send_frames(kind, frames)
+    _, reply = execute(h, "ran.append(1)")
+    assert reply["content"] == {"status": "ok"}
+    assert h.no_message("mux", 0.2) and h.no_message("control", 0.2)
+    h.request("shutdown_request", {"restart": False}, kind="control")  # ends the busy poll
+    h.recv("control")
+    assert h.kernel.user_ns["ran"] == [0, 1]
+
+
 def test_busy_poll_stops_when_requests_come_further_apart(make_harness):
     h = make_harness(busy_poll=0.1)
     h.kernel.busy_poll = 30.0  # beyond what Kernel() takes: a busy poll would hold call()
