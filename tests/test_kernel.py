@@ -28,6 +28,25 @@ def apply(h, f, *args, kind="mux", **kwargs):
     return reply
 
 
+def bad_frames(client, code, bad):
+    """An execute_request of ``code`` made invalid: forged, unsigned, without a delimiter,
+    with cut JSON (signed as sent), or altered after signing (unicode put in)."""
+    frames = client.serialize(client.msg("execute_request", {"code": code}), [CLIENT_ID])
+    delim = frames.index(protocol.DELIM)
+    if bad == "forged":
+        frames[delim + 1] = b"0" * 32
+    elif bad == "unsigned":
+        frames[delim + 1] = b""
+    elif bad == "no delimiter":
+        del frames[delim]
+    elif bad == "not json":
+        frames[delim + 4] = "{\"code\": \"\u00e9".encode()  # cut JSON, signed as sent
+        frames[delim + 1] = client.sign(frames[delim + 2:delim + 5])
+    else:
+        frames[delim + 4] = frames[delim + 4].replace(b"ran", "r\u00e9n".encode())
+    return frames
+
+
 def test_execute_ok_routes_back_through_the_full_prefix(harness):
     # the engine sent [mux peer id, client id, ...]: the peer id routed it to the MUX hub
     idents, reply = execute(harness, "a = 5")
@@ -141,19 +160,7 @@ def test_abort_all_and_shutdown_answer_every_waiting_request_in_order(harness, c
 def test_abort_all_drops_a_bad_message_it_finds_first_and_aborts_the_rest(harness, bad):
     # the bad message is the one already off its socket when control is served
     hold_the_loop(harness)
-    frames = harness.client.serialize(
-        harness.client.msg("execute_request", {"code": "ran = -1"}), [CLIENT_ID])
-    delim = frames.index(protocol.DELIM)
-    if bad == "forged":
-        frames[delim + 1] = b"0" * 32
-    elif bad == "unsigned":
-        frames[delim + 1] = b""
-    elif bad == "no delimiter":
-        del frames[delim]
-    else:
-        frames[delim + 4] = "{\"code\": \"\u00e9".encode()  # cut JSON, signed as sent
-        frames[delim + 1] = harness.client.sign(frames[delim + 2:delim + 5])
-    harness.send_frames("mux", frames)
+    harness.send_frames("mux", bad_frames(harness.client, "ran = -1", bad))
     sent = [harness.request("execute_request", {"code": "ran = %d" % i}) for i in range(2)]
     harness.request("abort_request", {}, kind="control")
     replies = [harness.recv()[1] for _ in sent]
@@ -413,23 +420,9 @@ def test_bad_messages_during_a_busy_poll_are_dropped_and_never_run(make_harness)
     h.call(lambda: None)
     execute(h, "ran.append(0)")  # close to the first: the kernel busy-polls after this one
     for kind in ("mux", "control"):
-        for bad in ("forged", "unsigned", "no delimiter", "not json", "unicode"):
-            frames = h.client.serialize(h.client.msg(
-                "execute_request", {"code": "ran.append('%s %s \u00e9')" % (kind, bad)}),
-                [CLIENT_ID])
-            delim = frames.index(protocol.DELIM)
-            if bad == "forged":
-                frames[delim + 1] = b"0" * 32
-            elif bad == "unsigned":
-                frames[delim + 1] = b""
-            elif bad == "no delimiter":
-                del frames[delim]
-            elif bad == "not json":
-                frames[delim + 4] = b'{"code": "\xc3'  # cut UTF-8 and JSON, signed as sent
-                frames[delim + 1] = h.client.sign(frames[delim + 2:delim + 5])
-            else:  # valid UTF-8 in the content, the signature of other bytes
-                frames[delim + 4] = frames[delim + 4].replace(b"ran", b"r\xc3\xa9n")
-            h.send_frames(kind, frames)
+        for bad in ("forged", "unsigned", "no delimiter", "not json", "altered"):
+            h.send_frames(kind, bad_frames(
+                h.client, "ran.append('%s %s \u00e9')" % (kind, bad), bad))
     _, reply = execute(h, "ran.append(1)")
     assert reply["content"] == {"status": "ok"}
     assert h.no_message("mux", 0.2) and h.no_message("control", 0.2)
